@@ -1,0 +1,3 @@
+from icldaemon.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The measurement engine: torch and transformers only, no database."""

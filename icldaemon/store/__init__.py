@@ -1,0 +1,1 @@
+"""The store: PostgreSQL through SQLAlchemy and psycopg, no torch."""
