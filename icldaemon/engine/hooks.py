@@ -1,0 +1,91 @@
+"""Scoped hooks on every block of a model: installed on entry, removed on exit (also on an exception)."""
+
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+from torch import nn
+
+from icldaemon.engine.adapters import ArchitectureAdapter
+
+
+class Tap:
+    """Callbacks run at every block; each may return a replacement tensor or None to keep it.
+
+    `state` is the block's captures of the current forward pass: "a" (the MLP input), "z" (the first
+    dense layers' outputs, in the adapter's order) and "mlp_output" (what the MLP adds to the residual).
+    All tensors are [batch, seq, features].
+    """
+
+    def layer_input(self, layer_idx: int, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def dense_output(
+        self, layer_idx: int, dense_idx: int, module: nn.Module, output: torch.Tensor, state: dict
+    ) -> torch.Tensor | None:
+        return None
+
+    def layer_output(self, layer_idx: int, hidden_states: torch.Tensor, state: dict) -> torch.Tensor | None:
+        return None
+
+
+def _replace_first(value, replacement):
+    if isinstance(value, tuple):
+        return (replacement, *value[1:])
+    return replacement
+
+
+def _first(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _block_pre(tap: Tap, layer_idx: int, state: dict, module, args, kwargs):
+    state.clear()
+    state["z"] = []
+    if args:
+        replaced = tap.layer_input(layer_idx, args[0])
+        return None if replaced is None else ((replaced, *args[1:]), kwargs)
+    replaced = tap.layer_input(layer_idx, kwargs["hidden_states"])
+    return None if replaced is None else (args, {**kwargs, "hidden_states": replaced})
+
+
+def _mlp_pre(state: dict, module, args, kwargs):
+    state["a"] = args[0] if args else next(iter(kwargs.values()))
+
+
+def _dense(tap: Tap, layer_idx: int, dense_idx: int, state: dict, module, args, output):
+    replaced = tap.dense_output(layer_idx, dense_idx, module, output, state)
+    state["z"].append(output if replaced is None else replaced)
+    return replaced
+
+
+def _mlp_output(state: dict, module, args, output):
+    state["mlp_output"] = _first(output)
+
+
+def _block_post(tap: Tap, layer_idx: int, state: dict, module, args, kwargs, output):
+    replaced = tap.layer_output(layer_idx, _first(output), state)
+    state.clear()
+    return None if replaced is None else _replace_first(output, replaced)
+
+
+@contextmanager
+def tapped(model: nn.Module, adapter: ArchitectureAdapter, tap: Tap):
+    handles = []
+    try:
+        for layer_idx, block in enumerate(adapter.blocks(model)):
+            state: dict = {}
+            handles.append(block.register_forward_pre_hook(partial(_block_pre, tap, layer_idx, state), with_kwargs=True))
+            handles.append(
+                block.get_submodule(adapter.mlp).register_forward_pre_hook(partial(_mlp_pre, state), with_kwargs=True)
+            )
+            for dense_idx, path in enumerate(adapter.first_dense):
+                handles.append(
+                    block.get_submodule(path).register_forward_hook(partial(_dense, tap, layer_idx, dense_idx, state))
+                )
+            handles.append(block.get_submodule(adapter.mlp_output).register_forward_hook(partial(_mlp_output, state)))
+            handles.append(block.register_forward_hook(partial(_block_post, tap, layer_idx, state), with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,418 @@
+"""Exact implicit weight updates (DESIGN.md §1): per-token dynamics and per-segment attribution.
+
+One plain forward pass over the prompt records, at the query position x, every layer's input h,
+MLP input a, residual m and first-dense output z, and leaves the context's keys and values in a
+cache. Every prefix of the context is then measured at once: for prefix i a *full copy* of the query
+attends to the anchor and c_1..c_i, and a *hybrid copy* of x attends to the anchor only, with its
+layer inputs overwritten from the full copy (the paper's induction). Copies are packed into chunks
+against the cached keys, longest prefixes first, the cache cropped to what each chunk may see.
+Attribution removes one segment Y for real (a forward pass over C without Y) and runs three copies
+of x against it: hybrid (overwritten from the full run), patched (dW and db applied, nothing
+overwritten: the check) and plain (the behavioural effect).
+"""
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from icldaemon.engine.adapters import ArchitectureAdapter, adapter_for, dense_without_bias
+from icldaemon.engine.hooks import Tap, tapped
+from icldaemon.engine.prompt import SegmentedPrompt
+from icldaemon.engine.result import DYNAMICS_NAMES, Ablation, Measurement, SegmentAttribution, TokenInfo
+from icldaemon.exceptions import BadInputError, NumericalError
+
+CHUNK_COPIES = 256  # prefixes per chunk of copies; bounds the extra memory of the copies
+REDUCTION_DTYPE = torch.float64  # norms and dot products of differences lose little at this precision
+
+
+# ---- masks -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _NewToken:
+    position: int  # position id
+    cache_limit: int  # attends cache keys [0, cache_limit)
+    group: int  # attends earlier new tokens of the same group
+
+
+def _sliding_window(config) -> int | None:
+    if not getattr(config, "use_sliding_window", True):
+        return None
+    return getattr(config, "sliding_window", None)
+
+
+def _additive_mask(tokens: list[_NewToken], cache_length: int, window: int | None, dtype, device) -> torch.Tensor:
+    positions = torch.tensor([token.position for token in tokens], device=device)
+    limits = torch.tensor([token.cache_limit for token in tokens], device=device)
+    groups = torch.tensor([token.group for token in tokens], device=device)
+    cache_keys = torch.arange(cache_length, device=device)
+    allowed_cache = cache_keys[None, :] < limits[:, None]  # [new, cache]
+    order = torch.arange(len(tokens), device=device)
+    allowed_new = (groups[:, None] == groups[None, :]) & (order[None, :] <= order[:, None])  # [new, new]
+    allowed = torch.cat([allowed_cache, allowed_new], dim=1)
+    if window is not None:
+        key_positions = torch.cat([cache_keys, positions])
+        allowed &= key_positions[None, :] > positions[:, None] - window
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]  # [batch, head, new, cache + new]
+
+
+def _attention_mask(model: PreTrainedModel, tokens: list[_NewToken], cache_length: int):
+    """A custom 4D mask; a mapping per attention type where the model mixes full and sliding layers."""
+    dtype, device, config = model.dtype, model.device, model.config
+    full = _additive_mask(tokens, cache_length, None, dtype, device)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        masks = {"full_attention": full}
+        if "sliding_attention" in layer_types:
+            masks["sliding_attention"] = _additive_mask(tokens, cache_length, config.sliding_window, dtype, device)
+        return masks
+    window = _sliding_window(config)
+    return full if window is None else _additive_mask(tokens, cache_length, window, dtype, device)
+
+
+def _crop(cache: DynamicCache, length: int) -> None:
+    surplus = cache.get_seq_length() - length
+    if surplus > 0:
+        cache.crop(-surplus)
+
+
+def _forward(model, input_ids, position_ids, cache, attention_mask=None, logits_to_keep=1):
+    return model(
+        input_ids=input_ids[None],
+        position_ids=position_ids[None],
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=logits_to_keep,
+    ).logits[0].to(REDUCTION_DTYPE)
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
+    return float((log_p.exp() * (log_p - log_q)).sum())
+
+
+def _check_finite(name: str, tensor: torch.Tensor, layer_idx: int | None = None) -> None:
+    if not torch.isfinite(tensor).all():
+        where = f" at layer {layer_idx}" if layer_idx is not None else ""
+        raise NumericalError(
+            f"non-finite values in {name}{where} (NaN or inf; in float16 this is usually an overflow: use "
+            "bfloat16 or float32)"
+        )
+
+
+# ---- the full run ----------------------------------------------------------------------------------
+
+
+class _RecordQuery(Tap):
+    """Records, at the last position, every layer's input h, MLP input a, residual m and dense output z."""
+
+    def __init__(self):
+        self.hidden_in, self.a, self.m, self.z = {}, {}, {}, {}
+        self.logits: torch.Tensor | None = None
+
+    def layer_input(self, layer_idx, hidden_states):
+        self.hidden_in[layer_idx] = hidden_states[0, -1].detach().clone()
+        _check_finite("the layer input", self.hidden_in[layer_idx], layer_idx)
+
+    def layer_output(self, layer_idx, hidden_states, state):
+        self.a[layer_idx] = state["a"][0, -1].detach().clone()
+        self.m[layer_idx] = (hidden_states[0, -1] - state["mlp_output"][0, -1]).detach().clone()
+        self.z[layer_idx] = torch.cat([z[0, -1] for z in state["z"]]).detach().clone()
+        _check_finite("the MLP input", self.a[layer_idx], layer_idx)
+
+
+# ---- per-token dynamics ----------------------------------------------------------------------------
+
+
+class _PrefixCopies(Tap):
+    """Overwrites hybrid copies from full copies and reduces both to the dynamics, chunk by chunk."""
+
+    def __init__(self, num_layers: int):
+        self.full_index = self.hybrid_index = None
+        self.prefixes: list[int] = []  # of the current chunk, descending
+        self.values = {name: [dict() for _ in range(num_layers)] for name in DYNAMICS_NAMES}
+        # per layer: (prefix, u, v) of the smallest prefix of the previous chunk, awaiting its successor
+        self.carry: list[tuple | None] = [None] * num_layers
+
+    def layer_input(self, layer_idx, hidden_states):
+        hidden_states = hidden_states.clone()
+        hidden_states[0, self.hybrid_index] = hidden_states[0, self.full_index]
+        return hidden_states
+
+    def layer_output(self, layer_idx, hidden_states, state):
+        full, hybrid = self.full_index, self.hybrid_index
+        a = state["a"][0].to(REDUCTION_DTYPE)
+        z = torch.cat(state["z"], dim=-1)[0]
+        m = hidden_states[0] - state["mlp_output"][0]
+        a_full, a_tilde = a[full], a[hybrid]  # [copies, d_model]
+        u = (z[full] - z[hybrid]).to(REDUCTION_DTYPE)  # W delta, [copies, d_ff_total]
+        a_tilde_sq = (a_tilde * a_tilde).sum(-1)
+        v = a_tilde / a_tilde_sq[:, None]  # dW = u v^T
+        u_sq = (u * u).sum(-1)
+        frobenius = torch.sqrt(u_sq / a_tilde_sq)
+        delta_norm = torch.linalg.vector_norm(a_full - a_tilde, dim=-1)
+        bias_norm = torch.linalg.vector_norm((m[full] - m[hybrid]).to(REDUCTION_DTYPE), dim=-1)
+        # ||u_i v_i^T - u_j v_j^T||_F^2 from the rank-1 factors, for consecutive measured prefixes
+        u_next = torch.cat([u[1:], u.new_zeros(1, u.shape[1])])
+        v_next = torch.cat([v[1:], v.new_zeros(1, v.shape[1])])
+        v_sq = (v * v).sum(-1)
+        marginal_sq = (
+            u_sq * v_sq
+            + torch.cat([u_sq[1:] * v_sq[1:], u_sq.new_zeros(1)])
+            - 2 * (u * u_next).sum(-1) * (v * v_next).sum(-1)
+        )
+        values = {
+            "delta_norm": delta_norm,
+            "update_frobenius_norm": frobenius,
+            "implicit_learning_rate": 1.0 / a_tilde_sq,
+            "bias_update_norm": bias_norm,
+        }
+        for name, column in values.items():
+            self.values[name][layer_idx].update(zip(self.prefixes, column.tolist()))
+        marginal = self.values["marginal_update_norm"][layer_idx]
+        if self.carry[layer_idx] is not None:
+            prefix, u_prev, v_prev = self.carry[layer_idx]
+            difference_sq = (
+                (u_prev @ u_prev) * (v_prev @ v_prev) + u_sq[0] * v_sq[0] - 2 * (u_prev @ u[0]) * (v_prev @ v[0])
+            )
+            marginal[prefix] = math.sqrt(max(float(difference_sq), 0.0))
+        # the last copy's successor is in the next chunk (or is the empty prefix, dW_0 = 0)
+        marginal.update(zip(self.prefixes[:-1], torch.sqrt(marginal_sq[:-1].clamp_min(0)).tolist()))
+        marginal[self.prefixes[-1]] = float(frobenius[-1])
+        self.carry[layer_idx] = (self.prefixes[-1], u[-1], v[-1])
+
+
+def measured_prefixes(prompt: SegmentedPrompt, stride: int) -> list[int]:
+    """Context token counts to measure: every `stride`-th, every segment boundary, and the whole context."""
+    if stride < 1:
+        raise BadInputError(f"stride must be at least 1, got {stride}")
+    n, anchor = prompt.context_tokens, prompt.anchor_tokens
+    chosen = set(range(stride, n + 1, stride)) | {n}
+    for segment in prompt.segments[1:-1]:
+        chosen |= {segment.start - anchor, segment.end - anchor}
+    return sorted(prefix for prefix in chosen if 1 <= prefix <= n)
+
+
+def _prefix_dynamics(model, adapter, prompt, cache, prefixes, chunk_copies) -> dict[str, np.ndarray]:
+    device = model.device
+    ids = torch.tensor(prompt.input_ids, device=device)
+    anchor, query_len, num_layers = prompt.anchor_tokens, prompt.query_tokens, adapter.num_layers(model)
+    query_ids = ids[prompt.query_position :]
+    tap = _PrefixCopies(num_layers)
+    descending = sorted(prefixes, reverse=True)
+    with tapped(model, adapter, tap):
+        for start in range(0, len(descending), chunk_copies):
+            chunk = descending[start : start + chunk_copies]
+            cache_length = anchor + chunk[0]
+            _crop(cache, cache_length)
+            tokens, token_ids, full_index, hybrid_index = [], [], [], []
+            # the hybrid run's query tokens before x: the same for every prefix, so shared by the chunk
+            for k in range(query_len - 1):
+                tokens.append(_NewToken(anchor + k, anchor, group=-1))
+                token_ids.append(query_ids[k])
+            for copy, prefix in enumerate(chunk):
+                for k in range(query_len):
+                    tokens.append(_NewToken(anchor + prefix + k, anchor + prefix, group=copy))
+                    token_ids.append(query_ids[k])
+                full_index.append(len(tokens) - 1)
+            for copy in range(len(chunk)):
+                tokens.append(_NewToken(anchor + query_len - 1, anchor, group=-1))
+                token_ids.append(query_ids[-1])
+                hybrid_index.append(len(tokens) - 1)
+            mask = _attention_mask(model, tokens, cache_length)
+            _exclude_sibling_hybrids(mask, cache_length, hybrid_index)
+            tap.full_index = torch.tensor(full_index, device=device)
+            tap.hybrid_index = torch.tensor(hybrid_index, device=device)
+            tap.prefixes = chunk
+            position_ids = torch.tensor([token.position for token in tokens], device=device)
+            _forward(model, torch.stack(token_ids), position_ids, cache, mask)
+    context_tokens = prompt.context_tokens
+    dynamics = {}
+    for name in DYNAMICS_NAMES:
+        array = np.full((num_layers, context_tokens), np.nan)
+        if name != "cumulative_update_norm":
+            for layer_idx, by_prefix in enumerate(tap.values[name]):
+                for prefix, value in by_prefix.items():
+                    array[layer_idx, prefix - 1] = value
+        dynamics[name] = array
+    order = np.array(sorted(prefixes)) - 1
+    dynamics["cumulative_update_norm"][:, order] = np.cumsum(dynamics["marginal_update_norm"][:, order], axis=1)
+    return dynamics
+
+
+def _exclude_sibling_hybrids(mask, cache_length: int, hybrid_index: list[int]) -> None:
+    """Hybrid copies share a group (to see the shared query tokens) but must not see one another."""
+    masks = mask.values() if isinstance(mask, dict) else [mask]
+    index = torch.tensor(hybrid_index, device=next(iter(masks)).device)
+    for tensor in masks:
+        block = tensor[0, 0][index[:, None], cache_length + index[None, :]]
+        eye = torch.eye(len(hybrid_index), dtype=torch.bool, device=block.device)
+        block.masked_fill_(~eye, torch.finfo(tensor.dtype).min)
+        tensor[0, 0][index[:, None], cache_length + index[None, :]] = block
+
+
+# ---- attribution -----------------------------------------------------------------------------------
+
+
+class _AblationCopies(Tap):
+    """Copy 0 is hybrid (overwritten from the full run), copy 1 is patched, copy 2 is plain."""
+
+    HYBRID, PATCHED = -3, -2
+
+    def __init__(self, full: _RecordQuery, num_layers: int):
+        self.full = full
+        self.delta = [None] * num_layers
+        self.a_tilde = [None] * num_layers
+        self.bias_delta = [None] * num_layers
+        self.frobenius = [0.0] * num_layers
+
+    def layer_input(self, layer_idx, hidden_states):
+        hidden_states = hidden_states.clone()
+        hidden_states[0, self.HYBRID] = self.full.hidden_in[layer_idx]
+        return hidden_states
+
+    def dense_output(self, layer_idx, dense_idx, module, output, state):
+        a = state["a"][0]
+        a_tilde = a[self.HYBRID]
+        delta = self.full.a[layer_idx] - a_tilde
+        self.delta[layer_idx], self.a_tilde[layer_idx] = delta, a_tilde
+        coefficient = (a_tilde.to(REDUCTION_DTYPE) @ a[self.PATCHED].to(REDUCTION_DTYPE)) / (
+            a_tilde.to(REDUCTION_DTYPE) @ a_tilde.to(REDUCTION_DTYPE)
+        )
+        output = output.clone()
+        output[0, self.PATCHED] += (dense_without_bias(module, delta) * coefficient).to(output.dtype)
+        return output
+
+    def layer_output(self, layer_idx, hidden_states, state):
+        z_tilde = torch.cat(state["z"], dim=-1)[0, self.HYBRID]
+        m_tilde = hidden_states[0, self.HYBRID] - state["mlp_output"][0, self.HYBRID]
+        bias_delta = self.full.m[layer_idx] - m_tilde
+        self.bias_delta[layer_idx] = bias_delta
+        a_tilde = self.a_tilde[layer_idx].to(REDUCTION_DTYPE)
+        self.frobenius[layer_idx] = float(
+            torch.linalg.vector_norm((self.full.z[layer_idx] - z_tilde).to(REDUCTION_DTYPE))
+            / torch.linalg.vector_norm(a_tilde)
+        )
+        hidden_states = hidden_states.clone()
+        hidden_states[0, self.PATCHED] += bias_delta
+        return hidden_states
+
+
+def _ablate(model, adapter, prompt, full: _RecordQuery, full_log_probs, remove: tuple[int, int]) -> Ablation:
+    start, end = remove
+    device = model.device
+    kept = prompt.input_ids[:start] + prompt.input_ids[end:]
+    ids = torch.tensor(kept, device=device)
+    prefix_length = len(kept) - 1
+    cache = DynamicCache()
+    _forward(model, ids[:-1], torch.arange(prefix_length, device=device), cache)
+    tokens = [_NewToken(prefix_length, prefix_length, group=copy) for copy in range(3)]
+    mask = _attention_mask(model, tokens, prefix_length)
+    tap = _AblationCopies(full, adapter.num_layers(model))
+    with tapped(model, adapter, tap):
+        logits = _forward(model, ids[-1:].repeat(3), torch.full((3,), prefix_length, device=device), cache, mask, 3)
+    _check_finite("the logits", logits)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    stack = lambda tensors: torch.stack(tensors).float().cpu().numpy()  # noqa: E731
+    return Ablation(
+        delta=stack(tap.delta),
+        a_tilde=stack(tap.a_tilde),
+        bias_delta=stack(tap.bias_delta),
+        update_frobenius_norm=np.array(tap.frobenius),
+        kl=_kl(full_log_probs, log_probs[2]),
+        max_abs_logit_error=float((logits[1] - full.logits).abs().max()),
+        patched_kl=max(_kl(full_log_probs, log_probs[1]), 0.0),
+    )
+
+
+# ---- the measurement -------------------------------------------------------------------------------
+
+
+def max_positions(model: PreTrainedModel) -> int | None:
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+@torch.no_grad()
+def measure(
+    model: PreTrainedModel,
+    prompt: SegmentedPrompt,
+    *,
+    stride: int = 1,
+    chunk_copies: int = CHUNK_COPIES,
+    attribute_segments: bool = True,
+    model_name: str | None = None,
+    adapter: ArchitectureAdapter | None = None,
+) -> Measurement:
+    """Measure the prompt's per-token dynamics and, per labelled segment, the exact patch for removing it."""
+    adapter = adapter or adapter_for(model)
+    limit = max_positions(model)
+    if limit is not None and len(prompt.input_ids) > limit:
+        raise BadInputError(f"the prompt has {len(prompt.input_ids)} tokens; the model's context is {limit}")
+    vocabulary = model.get_input_embeddings().num_embeddings
+    if max(prompt.input_ids) >= vocabulary or min(prompt.input_ids) < 0:
+        raise BadInputError(f"the prompt has token ids outside the model's vocabulary of {vocabulary}")
+    if chunk_copies < 1:
+        raise BadInputError(f"chunk_copies must be at least 1, got {chunk_copies}")
+    prefixes = measured_prefixes(prompt, stride)
+    device = model.device
+    ids = torch.tensor(prompt.input_ids, device=device)
+
+    started = time.perf_counter()
+    full = _RecordQuery()
+    cache = DynamicCache()
+    with tapped(model, adapter, full):
+        full.logits = _forward(model, ids, torch.arange(len(ids), device=device), cache)[-1]
+    _check_finite("the logits", full.logits)
+    plain_forward_s = time.perf_counter() - started
+    full_log_probs = torch.log_softmax(full.logits, dim=-1)
+
+    _crop(cache, prompt.query_position)
+    dynamics = _prefix_dynamics(model, adapter, prompt, cache, prefixes, chunk_copies)
+    del cache
+    dynamics_s = time.perf_counter() - started - plain_forward_s
+
+    context = _ablate(model, adapter, prompt, full, full_log_probs, (prompt.anchor_tokens, prompt.query_position))
+    segments = []
+    if attribute_segments:
+        for segment in prompt.labelled_segments:
+            ablation = _ablate(model, adapter, prompt, full, full_log_probs, (segment.start, segment.end))
+            segments.append(SegmentAttribution(
+                segment.label, segment.kind, segment.start, segment.end, segment.memory_id, segment.key, ablation
+            ))
+    measure_s = time.perf_counter() - started
+
+    anchor = prompt.anchor_tokens
+    tokens = []
+    for position in range(anchor, prompt.query_position):
+        segment = prompt.segment_of(position)
+        tokens.append(TokenInfo(position - anchor, position, prompt.token_texts[position], segment.label,
+                                segment.memory_id))
+    return Measurement(
+        input_ids=list(prompt.input_ids),
+        anchor_tokens=anchor,
+        query_position=prompt.query_position,
+        tokens=tokens,
+        dynamics=dynamics,
+        measured_prefixes=prefixes,
+        context_ablation=context,
+        segments=segments,
+        model={
+            "name": model_name or getattr(model.config, "name_or_path", None) or type(model).__name__,
+            "num_layers": adapter.num_layers(model),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "device": str(device),
+            "family": adapter.family,
+        },
+        timings={"plain_forward_s": plain_forward_s, "dynamics_s": dynamics_s, "measure_s": measure_s},
+    )
