@@ -1,0 +1,162 @@
+"""Connecting to PostgreSQL: URLs, engines, the embedded server, and driver errors translated at the boundary."""
+
+import contextlib
+import subprocess
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import sqlalchemy
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.pool import NullPool
+
+from icldaemon.exceptions import ConfigurationError, DatabaseError
+from icldaemon.logs import get_logger
+from icldaemon.settings import Settings
+
+DRIVER_NAME = "postgresql+psycopg"
+ACCEPTED_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
+
+log = get_logger()
+
+
+# --- URLs
+
+
+def _parse(url: str) -> URL:
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        # the message of ArgumentError repeats the URL, password included
+        raise ConfigurationError("the database URL cannot be parsed; expected postgresql://user@host:port/db") from None
+    if parsed.drivername not in ACCEPTED_SCHEMES:
+        raise ConfigurationError(
+            f"the database URL's scheme {parsed.drivername!r} is not PostgreSQL; "
+            f"expected one of {', '.join(scheme + '://' for scheme in ACCEPTED_SCHEMES)}"
+        )
+    return parsed
+
+
+def normalize_url(url: str) -> str:
+    """The SQLAlchemy URL, with the psycopg 3 driver, of a postgresql:// (or postgres://) URL."""
+    return _parse(url).set(drivername=DRIVER_NAME).render_as_string(hide_password=False)
+
+
+def describe_url(url: str) -> str:
+    """Where a URL points, for messages: database, host and port; never the password."""
+    try:
+        parsed = _parse(url)
+    except ConfigurationError:
+        return "an unparsable database URL"
+    host = parsed.host or parsed.query.get("host") or "the local socket"
+    if isinstance(host, tuple):
+        host = ",".join(host)
+    where = f"{host}:{parsed.port}" if parsed.port else host
+    return f"database {parsed.database or '(default)'!r} on {where}"
+
+
+def create_engine_for(url: str, **engine_options) -> Engine:
+    """A SQLAlchemy engine for a postgresql:// URL, on psycopg 3."""
+    engine_options.setdefault("pool_pre_ping", True)
+    return sqlalchemy.create_engine(normalize_url(url), **engine_options)
+
+
+def create_unpooled_engine_for(url: str) -> Engine:
+    """An engine for one short piece of work (a migration, a check): connections close when returned."""
+    return sqlalchemy.create_engine(normalize_url(url), poolclass=NullPool)
+
+
+# --- errors
+
+
+def _driver_message(exc: BaseException, password: str | None) -> str:
+    original = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    lines = str(original).strip().splitlines()
+    message = lines[0] if lines else type(original).__name__
+    if password:
+        message = message.replace(password, "***")
+    return message
+
+
+@contextlib.contextmanager
+def translate_errors(url: str, action: str) -> Iterator[None]:
+    """Turn driver errors raised inside into DatabaseError('<action> failed on <database>: <reason>')."""
+    try:
+        yield
+    except (DBAPIError, psycopg.Error) as exc:
+        try:
+            password = make_url(url).password
+        except ArgumentError:
+            password = None
+        raise DatabaseError(
+            f"{action} failed on {describe_url(url)}: {_driver_message(exc, password and str(password))}"
+        ) from exc
+
+
+# --- the embedded server
+
+
+def _import_pgserver():
+    # pgserver reads the XDG runtime directory at import, for its lock file. Where XDG_RUNTIME_DIR is
+    # unset (a service, a container) platformdirs warns and falls back to a private directory under
+    # /tmp, which serves that purpose as well; the warning tells the user nothing they can act on.
+    # pgserver is imported here, not at the top, because it is needed only without a configured URL.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        import pgserver
+        import pgserver.utils
+    return pgserver
+
+
+def _postmaster_running(pgdata: Path) -> bool:
+    info = _import_pgserver().utils.PostmasterInfo.read_from_pgdata(pgdata)
+    return info is not None and info.is_running()
+
+
+@contextlib.contextmanager
+def embedded_database(pgdata_dir: Path) -> Iterator[str]:
+    """Start (or join) a pgserver PostgreSQL in `pgdata_dir`, yield its URL, and stop it on exit if it was started here.
+
+    pgserver counts the processes using one data directory and stops the server when the last of them
+    leaves; a server that was already running when this started (another icldaemon process, or one
+    started by hand) is left running. Run as root, pgserver runs PostgreSQL as a system user `pgserver`
+    (created with useradd if missing), gives it the data directory, and opens the directories above the
+    data directory to others for traversal (o+rx), because PostgreSQL refuses to run as root.
+    """
+    pgserver = _import_pgserver()
+    pgdata = Path(pgdata_dir).expanduser().resolve()
+    pgdata.mkdir(mode=0o700, parents=True, exist_ok=True)
+    started_here = not _postmaster_running(pgdata)
+    try:
+        server = pgserver.get_server(pgdata, cleanup_mode="stop" if started_here else None)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError, RuntimeError) as exc:
+        raise DatabaseError(
+            f"the embedded PostgreSQL server in {pgdata} did not start ({exc}); its log is {pgdata / 'log'}"
+        ) from exc
+    url = server.get_uri()
+    try:
+        with server:
+            log.info(
+                "embedded_database_started" if started_here else "embedded_database_joined",
+                pgdata=str(pgdata),
+                url=url,
+                pid=server.get_pid(),
+            )
+            yield url
+    finally:
+        if started_here and _postmaster_running(pgdata):
+            log.info("embedded_database_left_running", pgdata=str(pgdata), reason="other processes still use it")
+        elif started_here:
+            log.info("embedded_database_stopped", pgdata=str(pgdata))
+
+
+@contextlib.contextmanager
+def database_url(settings: Settings) -> Iterator[str]:
+    """The configured database URL; without one, the embedded server's in `settings.pgdata_dir`, for the duration."""
+    if settings.database_url:
+        yield settings.database_url
+        return
+    with embedded_database(settings.pgdata_dir) as url:
+        yield url

@@ -1,0 +1,1 @@
+"""Alembic revisions of the schema; run them through icldaemon.store.migrate."""
