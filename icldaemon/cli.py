@@ -1,0 +1,127 @@
+"""The command line: `icldaemon measure | migrate`. The only place errors become messages and exit codes."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from icldaemon.exceptions import BadInputError, IcldaemonError
+from icldaemon.logs import configure_logging, get_logger
+from icldaemon.settings import Settings, load_settings
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _read_json(path: str, what: str):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInputError(f"{what} file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"{what} file {path} is not valid JSON: {exc}") from exc
+
+
+def _read_memories(path: str | None):
+    from icldaemon.engine.prompt import Memory
+
+    if path is None:
+        return []
+    raw = _read_json(path, "memories")
+    if not isinstance(raw, list):
+        raise BadInputError(f"memories file {path} must hold a JSON list of {{\"id\", \"key\", \"content\"}} objects")
+    memories = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict) or not isinstance(item.get("content"), str):
+            raise BadInputError(f"memory {index} in {path} has no string \"content\"")
+        memories.append(Memory(content=item["content"], key=item.get("key"), id=item.get("id")))
+    return memories
+
+
+def cmd_measure(args, settings: Settings) -> int:
+    from icldaemon.engine.loading import load_model
+    from icldaemon.engine.measure import max_positions, measure
+    from icldaemon.engine.prompt import build_prompt
+    from icldaemon.report import summary_lines
+
+    if args.text_file:
+        try:
+            prompt_source = {"text": Path(args.text_file).read_text(encoding="utf-8")}
+        except FileNotFoundError:
+            raise BadInputError(f"text file {args.text_file} does not exist") from None
+        except UnicodeDecodeError as exc:
+            raise BadInputError(f"text file {args.text_file} is not valid UTF-8: {exc}") from exc
+    else:
+        prompt_source = {"messages": _read_json(args.messages_file, "messages")}
+    memories = _read_memories(args.memories_file)
+    loaded = load_model(args.model or settings.model, models_dir=settings.models_dir, device=settings.device,
+                        dtype=settings.dtype)
+    prompt = build_prompt(loaded.tokenizer, memories=memories, query_tokens=args.query_tokens,
+                          max_tokens=max_positions(loaded.model), **prompt_source)
+    log = get_logger(model=loaded.name)
+    log.info("measure_started", tokens=len(prompt.input_ids), context_tokens=prompt.context_tokens,
+             memories=len(memories), stride=args.stride)
+    measurement = measure(loaded.model, prompt, stride=args.stride, model_name=loaded.name)
+    log.info("run_measured", tokens=len(prompt.input_ids), seconds=round(measurement.timings["measure_s"], 3),
+             max_abs_logit_error=measurement.exactness["max_abs_logit_error"])
+    print("\n".join(summary_lines(measurement)))
+    if args.json:
+        Path(args.json).write_text(json.dumps(measurement.to_json()), encoding="utf-8")
+        print(f"wrote {args.json}")
+    if args.plot:
+        from icldaemon.plots import plot_measurement
+
+        plot_measurement(measurement, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_migrate(args, settings: Settings) -> int:
+    from icldaemon.store.database import database_url
+    from icldaemon.store.migrate import current, upgrade
+
+    with database_url(settings) as url:
+        upgrade(url, args.revision)
+        print(f"database at revision {current(url)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="icldaemon", description=__doc__)
+    parser.add_argument("--log-format", choices=["json", "console", "auto"], help="overrides ICLD_LOG_FORMAT")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    measure = commands.add_parser("measure", help="measure one prompt, no database needed")
+    measure.add_argument("--model", help="model directory or hub id (default: ICLD_MODEL, else the bundled SmolLM2)")
+    source = measure.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text-file", help="a raw completion prompt")
+    source.add_argument("--messages-file", help="a JSON chat: a list of {\"role\", \"content\"} objects")
+    measure.add_argument("--memories-file", help="a JSON list of {\"id\", \"key\", \"content\"} memories")
+    measure.add_argument("--query-tokens", type=int, default=1, help="trailing tokens that form the query (default 1)")
+    measure.add_argument("--stride", type=int, default=1, help="measure every k-th prefix (and segment boundaries)")
+    measure.add_argument("--json", metavar="OUT", help="write the measurement as JSON")
+    measure.add_argument("--plot", metavar="OUT.png", help="write per-token curves and a layer x token heatmap")
+    measure.set_defaults(handler=cmd_measure)
+
+    migrate = commands.add_parser("migrate", help="create or upgrade the schema (embedded database if none is set)")
+    migrate.add_argument("--revision", default="head")
+    migrate.set_defaults(handler=cmd_migrate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(log_format=args.log_format)
+    except ValueError as exc:
+        print(f"icldaemon: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        return args.handler(args, settings)
+    except IcldaemonError as exc:
+        get_logger().error("command_failed", command=args.command, error=str(exc), error_type=type(exc).__name__)
+        print(f"icldaemon: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
