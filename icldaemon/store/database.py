@@ -18,8 +18,7 @@ from icldaemon.settings import Settings
 
 DRIVER_NAME = "postgresql+psycopg"
 ACCEPTED_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
-
-log = get_logger()
+HANDLE_LIST_FILE = ".handle_pids.json"  # pgserver's list of the processes using a data directory
 
 
 # --- URLs
@@ -33,7 +32,7 @@ def _parse(url: str) -> URL:
         raise ConfigurationError("the database URL cannot be parsed; expected postgresql://user@host:port/db") from None
     if parsed.drivername not in ACCEPTED_SCHEMES:
         raise ConfigurationError(
-            f"the database URL's scheme {parsed.drivername!r} is not PostgreSQL; "
+            f"the database URL's scheme {parsed.drivername!r} is not supported; "
             f"expected one of {', '.join(scheme + '://' for scheme in ACCEPTED_SCHEMES)}"
         )
     return parsed
@@ -129,6 +128,11 @@ def embedded_database(pgdata_dir: Path) -> Iterator[str]:
     pgdata = Path(pgdata_dir).expanduser().resolve()
     pgdata.mkdir(mode=0o700, parents=True, exist_ok=True)
     started_here = not _postmaster_running(pgdata)
+    if started_here and (pgdata / "PG_VERSION").exists():
+        # pgserver stops the server when the last process on its list of users leaves. A process killed
+        # before it could leave stays on the list, and with it the server would never be stopped again;
+        # with no server running, nobody on the list is using it.
+        pgserver.utils.DiskList(pgdata / HANDLE_LIST_FILE).put([])
     try:
         server = pgserver.get_server(pgdata, cleanup_mode="stop" if started_here else None)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError, RuntimeError) as exc:
@@ -136,20 +140,21 @@ def embedded_database(pgdata_dir: Path) -> Iterator[str]:
             f"the embedded PostgreSQL server in {pgdata} did not start ({exc}); its log is {pgdata / 'log'}"
         ) from exc
     url = server.get_uri()
+    # Fetched here, not at import: a logger bound before configure_logging() keeps the default output.
+    log = get_logger(pgdata=str(pgdata))
     try:
         with server:
             log.info(
                 "embedded_database_started" if started_here else "embedded_database_joined",
-                pgdata=str(pgdata),
                 url=url,
                 pid=server.get_pid(),
             )
             yield url
     finally:
         if started_here and _postmaster_running(pgdata):
-            log.info("embedded_database_left_running", pgdata=str(pgdata), reason="other processes still use it")
+            log.info("embedded_database_left_running", reason="other processes still use it")
         elif started_here:
-            log.info("embedded_database_stopped", pgdata=str(pgdata))
+            log.info("embedded_database_stopped")
 
 
 @contextlib.contextmanager

@@ -1,9 +1,18 @@
+import json
+import subprocess
+import sys
+
 import psycopg
 import structlog
 
 from icldaemon.settings import Settings
 from icldaemon.store import migrate
 from icldaemon.store.database import database_url
+
+
+def dead_pid() -> int:
+    process = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
+    return int(process.stdout)
 
 
 def test_embedded_database_starts_migrates_and_stops(tmp_path):
@@ -21,6 +30,8 @@ def test_embedded_database_starts_migrates_and_stops(tmp_path):
     assert not (pgdata / "postmaster.pid").exists()
     assert [entry["event"] for entry in logs] == ["embedded_database_started", "embedded_database_stopped"]
 
+    # a process killed while it used the server stays on pgserver's list of users
+    (pgdata / ".handle_pids.json").write_text(json.dumps([dead_pid()]))
     with database_url(settings) as url:
         assert migrate.current(url) == migrate.head()
         with psycopg.connect(url) as connection:
