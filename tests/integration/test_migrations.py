@@ -178,7 +178,7 @@ def test_prompts_rejects_bad_rows(database_url, messages, text, status):
 
 def test_prompts_accepts_messages_or_text(database_url):
     with psycopg.connect(database_url) as connection:
-        connection.execute("INSERT INTO prompts (messages) VALUES (%s::jsonb)", ('[{"role": "user", "content": "hi"}]',))
+        connection.execute("INSERT INTO prompts (messages) VALUES (%s::jsonb)", ('[{"role": "user", "content": "a"}]',))
         connection.execute("INSERT INTO prompts (text) VALUES (%s)", ("hi",))
         statuses = connection.execute("SELECT status, priority, attempts FROM prompts").fetchall()
 

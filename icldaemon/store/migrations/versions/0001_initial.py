@@ -97,7 +97,9 @@ def upgrade() -> None:
         postgresql_partition_by="RANGE (created_at)",
     )
     op.create_index(
-        op.f("icl_dynamics_log_run_id_layer_idx_token_idx_idx"), "icl_dynamics_log", ["run_id", "layer_idx", "token_idx"]
+        op.f("icl_dynamics_log_run_id_layer_idx_token_idx_idx"),
+        "icl_dynamics_log",
+        ["run_id", "layer_idx", "token_idx"],
     )
     op.create_index(op.f("icl_dynamics_log_session_id_idx"), "icl_dynamics_log", ["session_id"])
     op.create_index(op.f("icl_dynamics_log_created_at_idx"), "icl_dynamics_log", ["created_at"])
