@@ -32,4 +32,5 @@ def configure_logging(log_format: str = "auto", log_level: str = "info") -> None
 
 
 def get_logger(**context):
-    return structlog.get_logger("icldaemon").bind(**context)
+    # Lazy: a logger taken at import time still follows a later configure_logging().
+    return structlog.get_logger("icldaemon", **context)

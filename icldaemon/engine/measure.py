@@ -6,9 +6,13 @@ cache. Every prefix of the context is then measured at once: for prefix i a *ful
 attends to the anchor and c_1..c_i, and a *hybrid copy* of x attends to the anchor only, with its
 layer inputs overwritten from the full copy (the paper's induction). Copies are packed into chunks
 against the cached keys, longest prefixes first, the cache cropped to what each chunk may see.
-Attribution removes one segment Y for real (a forward pass over C without Y) and runs three copies
-of x against it: hybrid (overwritten from the full run), patched (dW and db applied, nothing
-overwritten: the check) and plain (the behavioural effect).
+Attribution removes one segment Y (a forward pass over C without Y) and runs three copies of x
+against it: hybrid (overwritten from the full run), patched (dW and db applied, nothing overwritten:
+the check) and plain (the behavioural effect).
+
+C without Y keeps every remaining token at its position in C: Y leaves a gap. The query's own input
+is then the same in every run, also in models with absolute position embeddings (GPT-2), and the
+tokens after Y keep their distance to the query.
 """
 
 import math
@@ -45,7 +49,9 @@ def _sliding_window(config) -> int | None:
     return getattr(config, "sliding_window", None)
 
 
-def _additive_mask(tokens: list[_NewToken], cache_length: int, window: int | None, dtype, device) -> torch.Tensor:
+def _additive_mask(
+    tokens: list[_NewToken], cache_length: int, window: int | None, dtype, device, cache_positions=None
+) -> torch.Tensor:
     positions = torch.tensor([token.position for token in tokens], device=device)
     limits = torch.tensor([token.cache_limit for token in tokens], device=device)
     groups = torch.tensor([token.group for token in tokens], device=device)
@@ -55,25 +61,38 @@ def _additive_mask(tokens: list[_NewToken], cache_length: int, window: int | Non
     allowed_new = (groups[:, None] == groups[None, :]) & (order[None, :] <= order[:, None])  # [new, new]
     allowed = torch.cat([allowed_cache, allowed_new], dim=1)
     if window is not None:
-        key_positions = torch.cat([cache_keys, positions])
+        cached = cache_keys if cache_positions is None else cache_positions.to(device)
+        key_positions = torch.cat([cached, positions])
         allowed &= key_positions[None, :] > positions[:, None] - window
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]  # [batch, head, new, cache + new]
 
 
-def _attention_mask(model: PreTrainedModel, tokens: list[_NewToken], cache_length: int):
-    """A custom 4D mask; a mapping per attention type where the model mixes full and sliding layers."""
+def _has_sliding_window(config) -> bool:
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return "sliding_attention" in layer_types
+    return _sliding_window(config) is not None
+
+
+def _attention_mask(model: PreTrainedModel, tokens: list[_NewToken], cache_length: int, cache_positions=None):
+    """A custom 4D mask; a mapping per attention type where the model mixes full and sliding layers.
+
+    `cache_positions` are the cached keys' position ids where they are not simply 0..cache_length-1.
+    """
     dtype, device, config = model.dtype, model.device, model.config
     full = _additive_mask(tokens, cache_length, None, dtype, device)
     layer_types = getattr(config, "layer_types", None)
     if layer_types:
         masks = {"full_attention": full}
         if "sliding_attention" in layer_types:
-            masks["sliding_attention"] = _additive_mask(tokens, cache_length, config.sliding_window, dtype, device)
+            masks["sliding_attention"] = _additive_mask(
+                tokens, cache_length, config.sliding_window, dtype, device, cache_positions
+            )
         return masks
     window = _sliding_window(config)
-    return full if window is None else _additive_mask(tokens, cache_length, window, dtype, device)
+    return full if window is None else _additive_mask(tokens, cache_length, window, dtype, device, cache_positions)
 
 
 def _crop(cache: DynamicCache, length: int) -> None:
@@ -203,7 +222,8 @@ def _prefix_dynamics(model, adapter, prompt, cache, prefixes, chunk_copies) -> d
     device = model.device
     ids = torch.tensor(prompt.input_ids, device=device)
     anchor, query_len, num_layers = prompt.anchor_tokens, prompt.query_tokens, adapter.num_layers(model)
-    query_ids = ids[prompt.query_position :]
+    query_position = prompt.query_position
+    query_ids = ids[query_position:]
     tap = _PrefixCopies(num_layers)
     descending = sorted(prefixes, reverse=True)
     with tapped(model, adapter, tap):
@@ -214,15 +234,15 @@ def _prefix_dynamics(model, adapter, prompt, cache, prefixes, chunk_copies) -> d
             tokens, token_ids, full_index, hybrid_index = [], [], [], []
             # the hybrid run's query tokens before x: the same for every prefix, so shared by the chunk
             for k in range(query_len - 1):
-                tokens.append(_NewToken(anchor + k, anchor, group=-1))
+                tokens.append(_NewToken(query_position + k, anchor, group=-1))
                 token_ids.append(query_ids[k])
             for copy, prefix in enumerate(chunk):
                 for k in range(query_len):
-                    tokens.append(_NewToken(anchor + prefix + k, anchor + prefix, group=copy))
+                    tokens.append(_NewToken(query_position + k, anchor + prefix, group=copy))
                     token_ids.append(query_ids[k])
                 full_index.append(len(tokens) - 1)
             for copy in range(len(chunk)):
-                tokens.append(_NewToken(anchor + query_len - 1, anchor, group=-1))
+                tokens.append(_NewToken(query_position + query_len - 1, anchor, group=-1))
                 token_ids.append(query_ids[-1])
                 hybrid_index.append(len(tokens) - 1)
             mask = _attention_mask(model, tokens, cache_length)
@@ -307,16 +327,22 @@ class _AblationCopies(Tap):
 def _ablate(model, adapter, prompt, full: _RecordQuery, full_log_probs, remove: tuple[int, int]) -> Ablation:
     start, end = remove
     device = model.device
-    kept = prompt.input_ids[:start] + prompt.input_ids[end:]
-    ids = torch.tensor(kept, device=device)
-    prefix_length = len(kept) - 1
+    length = len(prompt.input_ids)
+    ids = torch.tensor(prompt.input_ids[:start] + prompt.input_ids[end:], device=device)
+    positions = torch.cat([torch.arange(start), torch.arange(end, length)]).to(device)
+    prefix_length = len(ids) - 1
     cache = DynamicCache()
-    _forward(model, ids[:-1], torch.arange(prefix_length, device=device), cache)
-    tokens = [_NewToken(prefix_length, prefix_length, group=copy) for copy in range(3)]
-    mask = _attention_mask(model, tokens, prefix_length)
+    prefix_mask = None
+    if _has_sliding_window(model.config):
+        # the model's own sliding-window mask counts indices; with a gap, the window is in positions
+        prefix_tokens = [_NewToken(int(position), 0, group=0) for position in positions[:-1]]
+        prefix_mask = _attention_mask(model, prefix_tokens, 0)
+    _forward(model, ids[:-1], positions[:-1], cache, prefix_mask)
+    tokens = [_NewToken(length - 1, prefix_length, group=copy) for copy in range(3)]
+    mask = _attention_mask(model, tokens, prefix_length, cache_positions=positions[:-1])
     tap = _AblationCopies(full, adapter.num_layers(model))
     with tapped(model, adapter, tap):
-        logits = _forward(model, ids[-1:].repeat(3), torch.full((3,), prefix_length, device=device), cache, mask, 3)
+        logits = _forward(model, ids[-1:].repeat(3), torch.full((3,), length - 1, device=device), cache, mask, 3)
     _check_finite("the logits", logits)
     log_probs = torch.log_softmax(logits, dim=-1)
     stack = lambda tensors: torch.stack(tensors).float().cpu().numpy()  # noqa: E731

@@ -1,0 +1,152 @@
+"""The engine against the slow reference, on tiny random models of every supported family."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from engine_reference import NAMES, behavioural_kl, exact_patch, reference_dynamics
+
+from icldaemon.engine.adapters import SUPPORTED_ARCHITECTURES, adapter_for
+from icldaemon.engine.measure import measure, measured_prefixes
+from icldaemon.engine.prompt import Segment, SegmentedPrompt
+
+VOCAB = 97
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=256)
+
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(COMMON, num_key_value_heads=2)),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
+                dict(COMMON, num_key_value_heads=2, sliding_window=None)),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(COMMON, num_key_value_heads=2)),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(COMMON, num_key_value_heads=2,
+                                                                           head_dim=8)),
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+               dict(COMMON, num_key_value_heads=2, head_dim=8, sliding_window=64)),
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
+               dict(COMMON, num_key_value_heads=2, head_dim=8, sliding_window=64)),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
+             dict(COMMON, num_key_value_heads=4, pad_token_id=0)),
+    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel,
+             dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256)),
+    "gpt_neox": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM,
+                 dict(COMMON, use_parallel_residual=True)),
+}
+TOLERANCE = dict(rtol=1e-4, atol=1e-6)
+
+
+def tiny_model(family: str, seed: int = 0, **overrides):
+    config_class, model_class, options = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = config_class(**{**options, **overrides})
+    config._attn_implementation = "sdpa" if family not in ("gemma2",) else "eager"
+    return model_class(config).eval()
+
+
+def segmented(length: int = 24, query_tokens: int = 1, seed: int = 1) -> SegmentedPrompt:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (length,), generator=generator).tolist()
+    query = length - query_tokens
+    return SegmentedPrompt(ids, [
+        Segment("anchor", "anchor", 0, 2),
+        Segment("context", "context", 2, 7),
+        Segment("memory:1", "memory", 7, 12, memory_id=1, key="first"),
+        Segment("context", "context", 12, 14),
+        Segment("memory:2", "memory", 14, query, memory_id=2, key="second"),
+        Segment("query", "query", query, length),
+    ])
+
+
+def test_every_supported_architecture_is_tested():
+    tested = {adapter_for(tiny_model(family)).family for family in FAMILIES}
+    from icldaemon.engine.adapters import ADAPTERS
+
+    assert tested == {adapter.family for adapter in ADAPTERS}
+    assert len(SUPPORTED_ARCHITECTURES) >= 9
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_dynamics_match_the_reference(family):
+    model, prompt = tiny_model(family), segmented()
+    measurement = measure(model, prompt, chunk_copies=7)
+    expected = reference_dynamics(model, prompt)
+    for name in NAMES:
+        np.testing.assert_allclose(measurement.dynamics[name], expected[name], err_msg=name, **TOLERANCE)
+    assert measurement.exactness["max_abs_logit_error"] < 1e-5
+    assert measurement.exactness["kl"] < 1e-8
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_segment_attribution_matches_the_reference(family):
+    model, prompt = tiny_model(family), segmented()
+    measurement = measure(model, prompt)
+    ids = prompt.input_ids
+    assert [segment.label for segment in measurement.segments] == ["memory:1", "memory:2"]
+    for segment in measurement.segments:
+        keep = [index for index in range(len(ids)) if not segment.start <= index < segment.end]
+        patches = exact_patch(model, ids, list(range(len(ids))), keep)
+        ablation = segment.ablation
+        np.testing.assert_allclose(
+            ablation.update_frobenius_norm, [float(torch.linalg.matrix_norm(p[0])) for p in patches], **TOLERANCE
+        )
+        np.testing.assert_allclose(ablation.bias_update_norm, [float(p[1].norm()) for p in patches], **TOLERANCE)
+        np.testing.assert_allclose(ablation.delta, np.stack([p[2].numpy() for p in patches]), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(ablation.a_tilde, np.stack([p[3].numpy() for p in patches]), rtol=1e-4, atol=1e-5)
+        assert ablation.kl == pytest.approx(behavioural_kl(model, ids, keep), rel=1e-3, abs=1e-9)
+        assert ablation.kl > 0
+        assert ablation.max_abs_logit_error < 1e-5
+
+
+def test_parallel_residual_puts_the_whole_effect_in_the_bias_patch():
+    measurement = measure(tiny_model("gpt_neox"), segmented())
+    assert np.nanmax(measurement.dynamics["delta_norm"]) < 1e-5
+    assert np.nanmax(measurement.dynamics["update_frobenius_norm"]) < 1e-5
+    assert np.nanmin(measurement.dynamics["bias_update_norm"]) > 1e-3
+
+
+def test_first_layer_learning_rate_does_not_depend_on_the_prefix():
+    measurement = measure(tiny_model("llama"), segmented())
+    first = measurement.dynamics["implicit_learning_rate"][0]
+    np.testing.assert_allclose(first, first[0], rtol=1e-6)
+    assert np.ptp(measurement.dynamics["implicit_learning_rate"][1]) > 0
+
+
+@pytest.mark.parametrize("query_tokens", [2, 4])
+def test_multi_token_queries_match_the_reference(query_tokens):
+    model, prompt = tiny_model("qwen2"), segmented(length=26, query_tokens=query_tokens)
+    measurement = measure(model, prompt, chunk_copies=5)
+    expected = reference_dynamics(model, prompt)
+    for name in NAMES:
+        np.testing.assert_allclose(measurement.dynamics[name], expected[name], err_msg=name, **TOLERANCE)
+
+
+def test_stride_measures_boundaries_and_marginals_between_measured_prefixes():
+    model, prompt = tiny_model("llama"), segmented(length=30)
+    prefixes = measured_prefixes(prompt, stride=4)
+    anchor = prompt.anchor_tokens
+    boundaries = {s.end - anchor for s in prompt.segments[1:-1]} | {s.start - anchor for s in prompt.segments[2:-1]}
+    assert boundaries <= set(prefixes)
+    assert {4, 8, 12} <= set(prefixes) and 3 not in prefixes
+    measurement = measure(model, prompt, stride=4, chunk_copies=3)
+    expected = reference_dynamics(model, prompt, prefixes)
+    for name in NAMES:
+        np.testing.assert_allclose(measurement.dynamics[name], expected[name], err_msg=name, **TOLERANCE)
+    assert np.isnan(measurement.dynamics["delta_norm"][:, 2]).all()
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_sliding_window_layers_see_only_their_window(family):
+    model, prompt = tiny_model(family, sliding_window=5), segmented(length=24)
+    measurement = measure(model, prompt, chunk_copies=6)
+    expected = reference_dynamics(model, prompt)
+    for name in NAMES:
+        np.testing.assert_allclose(measurement.dynamics[name], expected[name], err_msg=name, **TOLERANCE)
+    assert measurement.exactness["max_abs_logit_error"] < 1e-5
+
+
+def test_chunk_size_does_not_change_the_result():
+    model, prompt = tiny_model("llama"), segmented()
+    one = measure(model, prompt, chunk_copies=1, attribute_segments=False)
+    all_at_once = measure(model, prompt, chunk_copies=1000, attribute_segments=False)
+    for name in NAMES:
+        np.testing.assert_allclose(one.dynamics[name], all_at_once.dynamics[name], rtol=1e-5, atol=1e-7)
