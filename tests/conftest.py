@@ -85,3 +85,32 @@ def empty_database_url(create_database: Callable[..., str]) -> str:
 def database_url(create_database: Callable[..., str], _template_database: str) -> str:
     """A new database migrated to head (a copy of the session's template)."""
     return create_database(template=_template_database)
+
+
+# --- a small tokenizer, no network and no model weights
+
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TINY_CORPUS = [
+    "The user has a grey cat called Miso. The user's favourite colour is teal.",
+    "Translate English to French: cheese => fromage, sea otter => loutre de mer.",
+    "Relevant memories: What is the name of my cat? You are a helpful assistant.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer of 300 tokens with a ChatML chat template, trained in memory."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    trainer = ByteLevelBPETokenizer()
+    trainer.train_from_iterator(TINY_CORPUS * 5, vocab_size=300, min_frequency=1, show_progress=False,
+                                special_tokens=["<|bos|>", "<|im_start|>", "<|im_end|>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=trainer._tokenizer, bos_token="<|bos|>",
+                                        eos_token="<|im_end|>")
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
