@@ -17,6 +17,7 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     Text,
@@ -24,7 +25,7 @@ from sqlalchemy import (
     func,
 )
 from sqlalchemy import text as sql_text
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -93,6 +94,10 @@ class Prompt(Base):
     created_at: Mapped[datetime.datetime] = mapped_column(server_default=func.now())
     started_at: Mapped[datetime.datetime | None]
     finished_at: Mapped[datetime.datetime | None]
+    # The claim: who holds a running prompt and until when; a queued prompt waits for next_attempt_at.
+    lease_expires_at: Mapped[datetime.datetime | None]
+    worker_id: Mapped[str | None]
+    next_attempt_at: Mapped[datetime.datetime | None]
 
 
 class MemoryRetrieval(Base):
@@ -141,4 +146,70 @@ class IclDynamicsLog(Base):
     cumulative_update_norm: Mapped[float | None]
     implicit_learning_rate: Mapped[float | None]
     bias_update_norm: Mapped[float | None]
+    created_at: Mapped[datetime.datetime] = mapped_column(server_default=func.now())
+
+
+class MeasurementRun(Base):
+    """One measurement of one prompt: the model, token counts, timings and the exactness check."""
+
+    __tablename__ = "measurement_runs"
+    __table_args__ = (Index("measurement_runs_prompt_id_idx", "prompt_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("prompts.id", ondelete="CASCADE"))
+    model: Mapped[str]
+    dtype: Mapped[str | None]
+    device: Mapped[str | None]
+    num_layers: Mapped[int]
+    total_tokens: Mapped[int]
+    context_tokens: Mapped[int]
+    anchor_tokens: Mapped[int]
+    query_position: Mapped[int]
+    stride: Mapped[int]
+    plain_forward_s: Mapped[float | None]
+    measure_s: Mapped[float | None]
+    max_abs_logit_error: Mapped[float | None]
+    exactness_kl: Mapped[float | None]
+    context_kl: Mapped[float | None]
+    created_at: Mapped[datetime.datetime] = mapped_column(server_default=func.now())
+
+
+class MemoryEffect(Base):
+    """What removing one retrieved memory from one prompt's context changes, per measurement run."""
+
+    __tablename__ = "memory_effects"
+    __table_args__ = (Index("memory_effects_memory_id_idx", "memory_id"),)
+
+    run_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("measurement_runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    memory_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("memories.id"), primary_key=True)
+    segment: Mapped[str]
+    token_start: Mapped[int]
+    token_end: Mapped[int]
+    kl: Mapped[float | None]
+    max_abs_logit_error: Mapped[float | None]
+    patched_kl: Mapped[float | None]
+    update_frobenius_norm: Mapped[list[float]] = mapped_column(ARRAY(Double))  # [num_layers]
+    bias_update_norm: Mapped[list[float]] = mapped_column(ARRAY(Double))  # [num_layers]
+    created_at: Mapped[datetime.datetime] = mapped_column(server_default=func.now())
+
+
+class MemoryPatch(Base):
+    """The rank-1 factors of one memory's exact patch for one query: float32 little-endian [num_layers, d_model]."""
+
+    __tablename__ = "memory_patches"
+    __table_args__ = (Index("memory_patches_memory_id_idx", "memory_id"),)
+
+    run_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("measurement_runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    memory_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("memories.id"), primary_key=True)
+    model: Mapped[str]
+    num_layers: Mapped[int]
+    d_model: Mapped[int]
+    delta: Mapped[bytes] = mapped_column(LargeBinary)
+    a_tilde: Mapped[bytes] = mapped_column(LargeBinary)
+    bias_delta: Mapped[bytes] = mapped_column(LargeBinary)
+    consolidated_at: Mapped[datetime.datetime | None]
     created_at: Mapped[datetime.datetime] = mapped_column(server_default=func.now())
