@@ -80,3 +80,7 @@ FROM prompts
 WHERE last_error IS NOT NULL
 ORDER BY coalesce(finished_at, started_at, created_at) DESC, id DESC
 LIMIT %(limit)s;
+
+-- name: listen_prompts --
+-- Subscribe to the notification that the prompts trigger and icl_submit() send with a new prompt's id.
+LISTEN icl_prompts;

@@ -18,7 +18,6 @@ from icldaemon.store.queries import load_queries
 LEASE_SECONDS = 60.0  # seconds a claim is held without a heartbeat
 MAX_ATTEMPTS = 3  # attempts before a prompt is failed for good
 BACKOFF_SECONDS = 10.0  # seconds before the second attempt; doubles with each further one
-NOTIFY_CHANNEL = "icl_prompts"
 
 QUERIES = load_queries()
 
@@ -144,6 +143,12 @@ def submit(
     }
     with translate_errors(_url_of(connection), "submitting a prompt"), connection.transaction():
         return connection.execute(QUERIES["submit_prompt"], parameters).fetchone()[0]
+
+
+def listen(connection: psycopg.Connection) -> None:
+    """Subscribe an autocommit connection to the notification sent when a prompt is queued."""
+    with translate_errors(_url_of(connection), "listening for prompts"):
+        connection.execute(QUERIES["listen_prompts"])
 
 
 def queue_counts(connection: psycopg.Connection) -> dict[str, int]:

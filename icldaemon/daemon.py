@@ -1,0 +1,281 @@
+"""The daemon: claims prompts, measures them with the engine, writes the results; the only layer using both.
+
+`Worker.run_once()` drains the queue and returns. `Worker.run_forever()` keeps going: a LISTEN on
+icl_prompts wakes it as soon as a prompt is committed, an APScheduler job polls as a fallback and
+another keeps the log's monthly partitions ahead; SIGTERM or SIGINT stops claiming, lets the current
+job finish within the stop timeout (else puts it back in the queue) and returns 0.
+"""
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import psycopg
+from apscheduler.schedulers.background import BackgroundScheduler
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from icldaemon.engine.loading import LoadedModel
+from icldaemon.engine.measure import max_positions, measure
+from icldaemon.engine.prompt import Memory, SegmentedPrompt, build_prompt
+from icldaemon.exceptions import BadInputError, DatabaseError, NumericalError
+from icldaemon.logs import get_logger
+from icldaemon.store import queue, writer
+from icldaemon.store.database import create_unpooled_engine_for
+from icldaemon.store.partitions import ensure_partitions
+
+POLL_INTERVAL = 5.0  # seconds between polls when no notification arrives
+LEASE_SECONDS = queue.LEASE_SECONDS  # seconds
+MAX_ATTEMPTS = queue.MAX_ATTEMPTS
+BACKOFF_SECONDS = queue.BACKOFF_SECONDS  # seconds before the second attempt, doubling after
+STOP_TIMEOUT = 30.0  # seconds the current job may take to finish after SIGTERM
+PARTITION_MAINTENANCE_HOURS = 24.0  # hours between partition maintenance runs
+LISTEN_TIMEOUT = 1.0  # seconds the listener waits before checking whether to stop
+
+
+class DaemonSettings(BaseSettings):
+    """The daemon's timings, overridable from the environment (ICLD_POLL_INTERVAL, ...)."""
+
+    model_config = SettingsConfigDict(env_prefix="ICLD_", env_file=None, extra="ignore")
+
+    poll_interval: float = POLL_INTERVAL
+    lease_seconds: float = LEASE_SECONDS
+    max_attempts: int = MAX_ATTEMPTS
+    backoff_seconds: float = BACKOFF_SECONDS
+    stop_timeout: float = STOP_TIMEOUT
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _Heartbeat:
+    """Renews a claim's lease on its own connection while the model runs."""
+
+    def __init__(self, url: str, claim: queue.Claim, lease_seconds: float):
+        self.url, self.claim, self.lease_seconds = url, claim, lease_seconds
+        self.lost = threading.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{claim.prompt_id}", daemon=True)
+
+    def _run(self) -> None:
+        log = get_logger(prompt_id=self.claim.prompt_id, worker_id=self.claim.worker_id)
+        try:
+            with queue.connect(self.url) as connection:
+                while not self._done.wait(self.lease_seconds / 3):
+                    if not queue.renew_lease(connection, self.claim, self.lease_seconds):
+                        self.lost.set()
+                        log.warning("lease_lost")
+                        return
+        except DatabaseError as exc:
+            log.warning("lease_renewal_failed", error=str(exc))
+
+    def __enter__(self) -> "_Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+class Worker:
+    def __init__(
+        self,
+        url: str,
+        loaded: LoadedModel,
+        *,
+        worker_id: str | None = None,
+        poll_interval: float = POLL_INTERVAL,
+        lease_seconds: float = LEASE_SECONDS,
+        max_attempts: int = MAX_ATTEMPTS,
+        backoff_seconds: float = BACKOFF_SECONDS,
+        stop_timeout: float = STOP_TIMEOUT,
+        stride: int = 1,
+        on_processed: Callable[[int, str], None] | None = None,
+    ):
+        self.url = url
+        self.loaded = loaded
+        self.worker_id = worker_id or default_worker_id()
+        self.poll_interval, self.lease_seconds, self.max_attempts = poll_interval, lease_seconds, max_attempts
+        self.backoff_seconds, self.stop_timeout, self.stride = backoff_seconds, stop_timeout, stride
+        self.on_processed = on_processed
+        self.log = get_logger(worker_id=self.worker_id, model=loaded.name)
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._current: queue.Claim | None = None
+
+    @classmethod
+    def from_settings(cls, url: str, loaded: LoadedModel, settings: DaemonSettings | None = None, **options):
+        settings = settings or DaemonSettings()
+        return cls(url, loaded, poll_interval=settings.poll_interval, lease_seconds=settings.lease_seconds,
+                   max_attempts=settings.max_attempts, backoff_seconds=settings.backoff_seconds,
+                   stop_timeout=settings.stop_timeout, **options)
+
+    # --- one prompt
+
+    def assemble(self, connection: psycopg.Connection, claim: queue.Claim) -> SegmentedPrompt:
+        """The claimed prompt rendered with its memories in rank order; BadInputError names what is wrong."""
+        memories = []
+        for retrieval in queue.retrievals(connection, claim.prompt_id):
+            if not retrieval.exists:
+                raise BadInputError(f"memory {retrieval.memory_id} (rank {retrieval.rank}) does not exist")
+            memories.append(Memory(content=retrieval.content, key=retrieval.key, id=retrieval.memory_id))
+        if claim.text is not None and claim.messages is not None:
+            raise BadInputError("exactly one of text or messages must be given")
+        source = {"text": writer.clean_text(claim.text)} if claim.text is not None else {"messages": claim.messages}
+        if claim.text is not None and source["text"] != claim.text:
+            raise BadInputError("the prompt text contains a NUL character or invalid Unicode")
+        return build_prompt(self.loaded.tokenizer, memories=memories, max_tokens=max_positions(self.loaded.model),
+                            **source)
+
+    def process(self, connection: psycopg.Connection, claim: queue.Claim) -> str:
+        """Measure one claimed prompt and write its results; returns its status afterwards ('lost' if taken away)."""
+        log = self.log.bind(prompt_id=claim.prompt_id, attempt=claim.attempts)
+        log.info("prompt_claimed")
+        started = time.perf_counter()
+        if claim.attempts > self.max_attempts:
+            return self._fail(connection, claim, log, f"prompt {claim.prompt_id}: no attempts left after "
+                              f"{self.max_attempts}; the last one's lease expired", retry=False)
+        try:
+            prompt = self.assemble(connection, claim)
+            with _Heartbeat(self.url, claim, self.lease_seconds) as heartbeat:
+                measurement = measure(self.loaded.model, prompt, stride=self.stride, model_name=self.loaded.name)
+            if heartbeat.lost.is_set():
+                log.warning("prompt_lost")
+                return "lost"
+            run_id = writer.write_measurement(
+                connection, claim, measurement,
+                writer.RunSource(claim.prompt_id, session_id=claim.session_id, stride=self.stride),
+            )
+        except (BadInputError, NumericalError) as exc:
+            return self._fail(connection, claim, log, f"prompt {claim.prompt_id}: {exc}", retry=False)
+        except Exception as exc:  # noqa: BLE001 - any other failure is retried; the error text is kept
+            return self._fail(connection, claim, log, f"prompt {claim.prompt_id}: {type(exc).__name__}: {exc}",
+                              retry=True)
+        if run_id is None:
+            log.warning("prompt_lost")
+            return "lost"
+        log.info("run_measured", run_id=run_id, tokens=len(measurement.input_ids),
+                 context_tokens=len(measurement.tokens), seconds=round(time.perf_counter() - started, 3),
+                 measure_seconds=round(measurement.timings.get("measure_s", 0.0), 3))
+        return "done"
+
+    def _fail(self, connection, claim: queue.Claim, log, error: str, *, retry: bool) -> str:
+        if connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            connection.rollback()
+        status = queue.fail(connection, claim, error, retry=retry, max_attempts=self.max_attempts,
+                            backoff_base_seconds=self.backoff_seconds) or "lost"
+        log.warning("prompt_failed", status=status, error=error)
+        return status
+
+    # --- draining the queue
+
+    def _drain(self, connection: psycopg.Connection, counts: Counter) -> None:
+        while not self._stopping.is_set():
+            claim = queue.claim(connection, self.worker_id, self.lease_seconds)
+            if claim is None:
+                return
+            self._current = claim
+            try:
+                status = self.process(connection, claim)
+            finally:
+                self._current = None
+            counts[status] += 1
+            if self.on_processed is not None:
+                self.on_processed(claim.prompt_id, status)
+
+    def run_once(self) -> Counter:
+        """Process prompts until none is due; returns how many ended in each status."""
+        counts: Counter = Counter()
+        with queue.connect(self.url) as connection:
+            self._drain(connection, counts)
+        return counts
+
+    # --- the long-running service
+
+    def stop(self) -> None:
+        """Stop claiming; the current job finishes (within the stop timeout in run_forever)."""
+        self._stopping.set()
+        self._wake.set()
+
+    def _listen(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                with queue.connect(self.url, autocommit=True) as connection:
+                    queue.listen(connection)
+                    while not self._stopping.is_set():
+                        for _notify in connection.notifies(timeout=LISTEN_TIMEOUT, stop_after=1):
+                            self._wake.set()
+            except (DatabaseError, psycopg.Error) as exc:
+                self.log.warning("listen_failed", error=str(exc))
+                self._stopping.wait(self.poll_interval)
+
+    def _work(self) -> None:
+        counts: Counter = Counter()
+        while not self._stopping.is_set():
+            try:
+                with queue.connect(self.url) as connection:
+                    while not self._stopping.is_set():
+                        self._wake.clear()
+                        self._drain(connection, counts)
+                        self._wake.wait()
+            except DatabaseError as exc:
+                self.log.error("worker_database_error", error=str(exc))
+                self._stopping.wait(self.poll_interval)
+
+    def maintain_partitions(self) -> None:
+        engine = create_unpooled_engine_for(self.url)
+        try:
+            with engine.begin() as connection:
+                created = ensure_partitions(connection)
+            if created:
+                self.log.info("partitions_created", partitions=created)
+        except DatabaseError as exc:
+            self.log.error("partition_maintenance_failed", error=str(exc))
+        finally:
+            engine.dispose()
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        previous = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, lambda received, frame: self.stop())
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def run_forever(self) -> int:
+        """Serve until SIGTERM/SIGINT (or stop()); returns the exit code, 0."""
+        self.log.info("daemon_started", poll_interval=self.poll_interval, lease_seconds=self.lease_seconds)
+        scheduler = BackgroundScheduler(timezone="UTC")
+        scheduler.add_job(self._wake.set, "interval", seconds=self.poll_interval, id="poll")
+        scheduler.add_job(self.maintain_partitions, "interval", hours=PARTITION_MAINTENANCE_HOURS, id="partitions")
+        listener = threading.Thread(target=self._listen, name="listen", daemon=True)
+        worker = threading.Thread(target=self._work, name="work", daemon=True)
+        with self._signals():
+            self.maintain_partitions()
+            scheduler.start()
+            listener.start()
+            worker.start()
+            while worker.is_alive() and not self._stopping.is_set():
+                self._stopping.wait(0.5)
+            self.log.info("daemon_stopping", current_prompt=self._current and self._current.prompt_id)
+            self._stopping.set()
+            self._wake.set()
+            worker.join(self.stop_timeout)
+            scheduler.shutdown(wait=False)
+            current = self._current
+            if worker.is_alive() and current is not None:
+                with queue.connect(self.url) as connection:
+                    released = queue.release(connection, current)
+                self.log.warning("prompt_released", prompt_id=current.prompt_id, released=released)
+            listener.join(LISTEN_TIMEOUT * 2)
+        self.log.info("daemon_stopped")
+        return 0

@@ -1,0 +1,106 @@
+"""The worker over a queue of good and bad prompts, with a tiny random model loaded from a directory."""
+
+import json
+
+import psycopg
+import pytest
+from daemon_fixtures import MAX_POSITIONS, save_tiny_model
+
+from icldaemon.daemon import Worker
+from icldaemon.engine.loading import load_model
+from icldaemon.engine.prompt import Memory, build_prompt
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    directory = save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+    return load_model(str(directory), models_dir=tmp_path_factory.mktemp("models"), device="cpu")
+
+
+def insert(connection, *, text=None, messages=None, memory_ids=(), priority=0) -> int:
+    prompt_id = connection.execute(
+        "INSERT INTO prompts (text, messages, priority) VALUES (%s, %s::jsonb, %s) RETURNING id",
+        (text, None if messages is None else json.dumps(messages), priority),
+    ).fetchone()[0]
+    for rank, memory_id in enumerate(memory_ids, start=1):
+        connection.execute("INSERT INTO memory_retrievals (prompt_id, memory_id, rank) VALUES (%s, %s, %s)",
+                           (prompt_id, memory_id, rank))
+    return prompt_id
+
+
+def test_run_once_measures_good_prompts_and_fails_bad_ones_by_name(database_url, tiny):
+    memories = {"pet": "The user has a grey cat called Miso.", "city": "The user lives in Lisbon.", "empty": "   "}
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is my cat called?"}]
+    with psycopg.connect(database_url) as connection:
+        memory_id = {key: connection.execute("INSERT INTO memories (key, content) VALUES (%s, %s) RETURNING id",
+                                             (key, content)).fetchone()[0] for key, content in memories.items()}
+        good = {
+            "few-shot": insert(connection, text="cheese => fromage\nbread => pain\nwater =>"),
+            "chat": insert(connection, messages=chat, memory_ids=[memory_id["city"], memory_id["pet"]]),
+        }
+        bad = {
+            "malformed": insert(connection, messages={"role": "user", "content": "not a list"}),
+            "no content": insert(connection, messages=[{"role": "user"}]),
+            "empty memory": insert(connection, text="Hello there", memory_ids=[memory_id["empty"]]),
+            "too long": insert(connection, text="x" * (MAX_POSITIONS + 10)),
+        }
+    processed = []
+
+    counts = Worker(database_url, tiny, worker_id="test", on_processed=lambda *args: processed.append(args)).run_once()
+
+    assert counts == {"done": 2, "failed": 4}
+    assert sorted(prompt_id for prompt_id, _ in processed) == sorted([*good.values(), *bad.values()])
+    with psycopg.connect(database_url) as connection:
+        status = {row[0]: row[1:] for row in connection.execute("SELECT id, status, last_error, attempts FROM prompts")}
+        runs = connection.execute("SELECT prompt_id, id, num_layers, context_tokens, total_tokens FROM measurement_runs"
+                                  ).fetchall()
+        logged = dict(connection.execute("SELECT run_id, count(*) FROM icl_dynamics_log GROUP BY run_id").fetchall())
+        effects = [row[0] for row in connection.execute("SELECT memory_id FROM memory_effects ORDER BY memory_id")]
+        patches = connection.execute("SELECT count(*) FROM memory_patches").fetchone()[0]
+        segments = connection.execute("SELECT DISTINCT segment, memory_id FROM icl_dynamics_log "
+                                      "WHERE memory_id IS NOT NULL ORDER BY memory_id").fetchall()
+
+    for prompt_id in good.values():
+        assert status[prompt_id] == ("done", None, 1)
+    expected_errors = {
+        "malformed": "messages must be a non-empty JSON list",
+        "no content": "message 0 is not a",
+        "empty memory": f"memory:{memory_id['empty']} is empty",
+        "too long": f"the prompt has {MAX_POSITIONS + 11} tokens; the model's context is {MAX_POSITIONS}",
+    }
+    for name, prompt_id in bad.items():
+        state, error, attempts = status[prompt_id]
+        assert state == "failed" and attempts == 1, name
+        assert error.startswith(f"prompt {prompt_id}: ") and expected_errors[name] in error, (name, error)
+
+    chat_prompt = build_prompt(tiny.tokenizer, messages=chat, max_tokens=MAX_POSITIONS, memories=[
+        Memory(memories["city"], "city", memory_id["city"]), Memory(memories["pet"], "pet", memory_id["pet"])])
+    expected_context = chat_prompt.query_position - chat_prompt.anchor_tokens
+    by_prompt = {prompt_id: (run_id, layers, context, total) for prompt_id, run_id, layers, context, total in runs}
+    assert set(by_prompt) == set(good.values())
+    assert by_prompt[good["chat"]][2:] == (expected_context, len(chat_prompt.input_ids))
+    for run_id, layers, context, _total in by_prompt.values():
+        assert layers == 2 and logged[run_id] == layers * context
+    assert effects == sorted([memory_id["pet"], memory_id["city"]])
+    assert patches == 2
+    assert segments == sorted([(f"memory:{memory_id[key]}", memory_id[key]) for key in ("pet", "city")],
+                              key=lambda row: row[1])
+
+
+def test_a_failed_job_is_retried_and_the_error_kept(database_url, tiny, monkeypatch):
+    with psycopg.connect(database_url) as connection:
+        prompt_id = insert(connection, text="one two three four")
+    worker = Worker(database_url, tiny, worker_id="test", max_attempts=2, backoff_seconds=0.0)
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr("icldaemon.daemon.measure", flaky)
+    counts = worker.run_once()
+
+    assert counts == {"queued": 1, "failed": 1} and len(calls) == 2
+    with psycopg.connect(database_url) as connection:
+        assert connection.execute("SELECT status, attempts, last_error FROM prompts").fetchone() == (
+            "failed", 2, f"prompt {prompt_id}: RuntimeError: device lost")
