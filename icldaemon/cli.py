@@ -1,4 +1,4 @@
-"""The command line: `icldaemon measure | migrate`. The only place errors become messages and exit codes."""
+"""The command line: `icldaemon measure | migrate | run | submit | status`. The only place errors become messages and exit codes."""
 
 import argparse
 import json
@@ -86,6 +86,68 @@ def cmd_migrate(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_run(args, settings: Settings) -> int:
+    from icldaemon.daemon import DaemonSettings, Worker
+    from icldaemon.engine.loading import load_model
+    from icldaemon.store.database import database_url
+    from icldaemon.store.migrate import upgrade
+
+    loaded = load_model(settings.model, models_dir=settings.models_dir, device=settings.device, dtype=settings.dtype)
+    with database_url(settings) as url:
+        if args.migrate:
+            upgrade(url)
+        worker = Worker.from_settings(url, loaded, DaemonSettings(), worker_id=args.worker_id, stride=args.stride)
+        if args.once:
+            counts = worker.run_once()
+            print(", ".join(f"{count} {status}" for status, count in sorted(counts.items())) or "nothing to do")
+            return 0
+        return worker.run_forever()
+
+
+def _memory_ids(value: str) -> list[int]:
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated memory ids like 1,2,3, got {value!r}") from None
+
+
+def cmd_submit(args, settings: Settings) -> int:
+    from icldaemon.store import queue
+    from icldaemon.store.database import database_url
+
+    if args.text_file:
+        try:
+            source = {"text": Path(args.text_file).read_text(encoding="utf-8")}
+        except FileNotFoundError:
+            raise BadInputError(f"text file {args.text_file} does not exist") from None
+        except UnicodeDecodeError as exc:
+            raise BadInputError(f"text file {args.text_file} is not valid UTF-8: {exc}") from exc
+    else:
+        source = {"messages": _read_json(args.messages_file, "messages")}
+    with database_url(settings) as url, queue.connect(url) as connection:
+        prompt_id = queue.submit(connection, memory_ids=args.memory_ids, session_id=args.session_id,
+                                 priority=args.priority, **source)
+    print(prompt_id)
+    return 0
+
+
+def cmd_status(args, settings: Settings) -> int:
+    from icldaemon.store import queue
+    from icldaemon.store.database import database_url
+
+    with database_url(settings) as url, queue.connect(url) as connection:
+        counts = queue.queue_counts(connection)
+        errors = queue.last_errors(connection, args.errors)
+    for status in ("queued", "running", "done", "failed"):
+        print(f"{status:>8}  {counts.get(status, 0)}")
+    if errors:
+        print("last errors:")
+        for error in errors:
+            print(f"  prompt {error['id']} ({error['status']}, attempt {error['attempts']}, "
+                  f"{error['at']:%Y-%m-%d %H:%M:%S}): {error['last_error']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="icldaemon", description=__doc__)
     parser.add_argument("--log-format", choices=["json", "console", "auto"], help="overrides ICLD_LOG_FORMAT")
@@ -106,6 +168,27 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="create or upgrade the schema (embedded database if none is set)")
     migrate.add_argument("--revision", default="head")
     migrate.set_defaults(handler=cmd_migrate)
+
+    run = commands.add_parser("run", help="the daemon: measure queued prompts and write the results")
+    run.add_argument("--once", action="store_true", help="drain the queue and exit")
+    run.add_argument("--worker-id", help="this worker's name in prompts.worker_id (default host:pid)")
+    run.add_argument("--stride", type=int, default=1, help="measure every k-th prefix (and segment boundaries)")
+    run.add_argument("--no-migrate", dest="migrate", action="store_false",
+                     help="do not upgrade the schema before starting")
+    run.set_defaults(handler=cmd_run)
+
+    submit = commands.add_parser("submit", help="queue a prompt with its retrieved memories; prints its id")
+    source = submit.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text-file", help="a raw completion prompt")
+    source.add_argument("--messages-file", help="a JSON chat: a list of {\"role\", \"content\"} objects")
+    submit.add_argument("--memory-ids", type=_memory_ids, default=[], help="retrieved memories in rank order: 3,1,2")
+    submit.add_argument("--session-id", help="a UUID grouping the prompts of one conversation")
+    submit.add_argument("--priority", type=int, default=0, help="higher is measured first (default 0)")
+    submit.set_defaults(handler=cmd_submit)
+
+    status = commands.add_parser("status", help="queue counts by status and the last errors")
+    status.add_argument("--errors", type=int, default=5, help="how many recent errors to show (default 5)")
+    status.set_defaults(handler=cmd_status)
     return parser
 
 

@@ -208,6 +208,7 @@ class Worker:
             try:
                 with queue.connect(self.url, autocommit=True) as connection:
                     queue.listen(connection)
+                    self.log.info("listening")
                     while not self._stopping.is_set():
                         for _notify in connection.notifies(timeout=LISTEN_TIMEOUT, stop_after=1):
                             self._wake.set()
