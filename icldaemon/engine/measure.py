@@ -24,12 +24,14 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from icldaemon.engine.adapters import ArchitectureAdapter, adapter_for, dense_without_bias
+from icldaemon.engine.attention import RowBlock, blocked_attention
 from icldaemon.engine.hooks import Tap, tapped
 from icldaemon.engine.prompt import SegmentedPrompt
 from icldaemon.engine.result import DYNAMICS_NAMES, Ablation, Measurement, SegmentAttribution, TokenInfo
 from icldaemon.exceptions import BadInputError, NumericalError
 
 CHUNK_COPIES = 256  # prefixes per chunk of copies; bounds the extra memory of the copies
+ROW_BLOCK_COPIES = 64  # prefixes per attention row block: each block sees only the keys it needs
 REDUCTION_DTYPE = torch.float64  # norms and dot products of differences lose little at this precision
 
 
@@ -251,7 +253,9 @@ def _prefix_dynamics(model, adapter, prompt, cache, prefixes, chunk_copies) -> d
             tap.hybrid_index = torch.tensor(hybrid_index, device=device)
             tap.prefixes = chunk
             position_ids = torch.tensor([token.position for token in tokens], device=device)
-            _forward(model, torch.stack(token_ids), position_ids, cache, mask)
+            plan = _row_blocks(anchor, chunk, query_len, cache_length)
+            with blocked_attention(model, plan):
+                _forward(model, torch.stack(token_ids), position_ids, cache, mask)
     context_tokens = prompt.context_tokens
     dynamics = {}
     for name in DYNAMICS_NAMES:
@@ -264,6 +268,23 @@ def _prefix_dynamics(model, adapter, prompt, cache, prefixes, chunk_copies) -> d
     order = np.array(sorted(prefixes)) - 1
     dynamics["cumulative_update_norm"][:, order] = np.cumsum(dynamics["marginal_update_norm"][:, order], axis=1)
     return dynamics
+
+
+def _row_blocks(anchor: int, chunk: list[int], query_len: int, cache_length: int) -> list[RowBlock]:
+    """Row blocks of a chunk laid out as [shared hybrid query tokens | full copies | hybrid x copies]."""
+    shared = query_len - 1
+    full_end = shared + len(chunk) * query_len
+    shared_keys = (slice(cache_length, cache_length + shared),) if shared else ()
+    blocks = [RowBlock(slice(0, shared), (slice(0, anchor), *shared_keys))] if shared else []
+    for first in range(0, len(chunk), ROW_BLOCK_COPIES):
+        last = min(first + ROW_BLOCK_COPIES, len(chunk))
+        rows = slice(shared + first * query_len, shared + last * query_len)
+        own = slice(cache_length + rows.start, cache_length + rows.stop)
+        blocks.append(RowBlock(rows, (slice(0, anchor + chunk[first]), own)))  # chunk is in descending order
+    hybrid_rows = slice(full_end, full_end + len(chunk))
+    hybrid_keys = slice(cache_length + hybrid_rows.start, cache_length + hybrid_rows.stop)
+    blocks.append(RowBlock(hybrid_rows, (slice(0, anchor), *shared_keys, hybrid_keys)))
+    return blocks
 
 
 def _exclude_sibling_hybrids(mask, cache_length: int, hybrid_index: list[int]) -> None:

@@ -1,0 +1,132 @@
+"""Engine speed and memory against one plain forward pass, on the bundled model, side by side.
+
+For each context length: one plain forward pass of the prompt; the engine's exact per-token dynamics
+for every prefix and every layer; the naive loop (two forward passes per prefix, all layers hooked at
+once); the original brief's method (two forward passes per prefix *and per layer*). The naive and
+brief columns are timed on sampled prefixes and summed over all prefixes (their cost grows linearly
+with the prefix length), which the table says. Peak memory is the growth of the resident set (VmHWM)
+over the loaded model, each method in a fresh process.
+
+    .venv/bin/python bench/bench_engine.py [--tokens 120 512 2048] [--long]
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+
+SAMPLED_PREFIXES = 6
+
+
+def _resident_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _prompt(tokenizer, tokens: int):
+    from icldaemon.engine.prompt import Segment, SegmentedPrompt
+
+    # any fixed English-like text will do: the engine's own source, repeated
+    words = (REPO / "icldaemon" / "engine" / "measure.py").read_text().split() * 20
+    ids = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"][:tokens]
+    ids = [tokenizer.convert_tokens_to_ids("<|im_start|>")] + ids
+    return SegmentedPrompt(ids, [Segment("anchor", "anchor", 0, 1), Segment("context", "context", 1, len(ids) - 1),
+                                 Segment("query", "query", len(ids) - 1, len(ids))])
+
+
+def child(method: str, tokens: int) -> dict:
+    import torch
+
+    from icldaemon.engine.loading import load_model
+    from icldaemon.engine.measure import measure
+    from icldaemon.settings import load_settings
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    loaded = load_model(None, models_dir=load_settings().models_dir, device="cpu", dtype="float32")
+    model, prompt = loaded.model, _prompt(loaded.tokenizer, tokens)
+    ids = torch.tensor([prompt.input_ids])
+    with torch.no_grad():
+        model(ids[:, :32], logits_to_keep=1)  # warm-up
+        before = _resident_kib("VmRSS")
+        _reset_peak()
+        started = time.perf_counter()
+        if method == "plain":
+            model(ids, logits_to_keep=1)
+            seconds = time.perf_counter() - started
+        elif method == "engine":
+            measure(model, prompt, attribute_segments=False)
+            seconds = time.perf_counter() - started
+        else:
+            from engine_reference import run_recording
+
+            anchor, query, n = prompt.anchor_tokens, prompt.query_position, prompt.context_tokens
+            sampled = sorted({max(1, round(n * (k + 1) / SAMPLED_PREFIXES)) for k in range(SAMPLED_PREFIXES)})
+            per_prefix = []
+            for prefix in sampled:
+                started = time.perf_counter()
+                full, _ = run_recording(model, prompt.input_ids[: anchor + prefix] + prompt.input_ids[query:])
+                run_recording(model, prompt.input_ids[:anchor] + prompt.input_ids[query:], overwrite=full["h"])
+                per_prefix.append(time.perf_counter() - started)
+            # linear in the prefix length: fit a + b * prefix on the samples and sum over all prefixes
+            import numpy as np
+
+            slope, intercept = np.polyfit(sampled, per_prefix, 1) if len(sampled) > 1 else (0.0, per_prefix[0])
+            seconds = float(sum(intercept + slope * prefix for prefix in range(1, n + 1)))
+            if method == "brief":
+                seconds *= model.config.num_hidden_layers
+    peak = _resident_kib("VmHWM") - before
+    return {"seconds": seconds, "peak_mib": max(peak, 0) / 1024}
+
+
+def run_child(method: str, tokens: int) -> dict:
+    result = subprocess.run([sys.executable, __file__, "--child", method, str(tokens)], capture_output=True,
+                            text=True, env={**os.environ, "ICLD_LOG_FORMAT": "json"})
+    if result.returncode != 0:
+        raise SystemExit(f"{method} at {tokens} tokens failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, nargs="*", default=[120, 512, 2048])
+    parser.add_argument("--long", action="store_true", help="also 8,192 tokens (engine and plain only)")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], int(args.child[1]))))
+        return
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}; "
+          "model: bundled SmolLM2-135M-Instruct, float32, CPU")
+    header = (f"{'tokens':>7} {'plain s':>8} {'engine s':>9} {'engine/plain':>13} {'naive/plain':>12} "
+              f"{'brief/plain':>12} {'plain MiB':>10} {'engine MiB':>11} {'MiB ratio':>10}")
+    print(header)
+    lengths = list(args.tokens) + ([8192] if args.long else [])
+    for tokens in lengths:
+        plain, engine = run_child("plain", tokens), run_child("engine", tokens)
+        if tokens <= 2048:
+            naive, brief = run_child("naive", tokens), run_child("brief", tokens)
+            naive_ratio, brief_ratio = naive["seconds"] / plain["seconds"], brief["seconds"] / plain["seconds"]
+        else:
+            naive_ratio = brief_ratio = float("nan")
+        print(f"{tokens:>7} {plain['seconds']:>8.3f} {engine['seconds']:>9.3f} "
+              f"{engine['seconds'] / plain['seconds']:>12.2f}x {naive_ratio:>11.0f}x {brief_ratio:>11.0f}x "
+              f"{plain['peak_mib']:>10.0f} {engine['peak_mib']:>11.0f} "
+              f"{engine['peak_mib'] / max(plain['peak_mib'], 1e-9):>9.2f}x", flush=True)
+    print(f"naive and brief: timed on {SAMPLED_PREFIXES} sampled prefixes, fitted linearly, summed over all prefixes")
+
+
+if __name__ == "__main__":
+    main()
