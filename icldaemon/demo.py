@@ -1,59 +1,115 @@
-"""The demo on the embedded defaults: an embedded database migrated, and example prompts measured.
+"""The demo of the whole service on the embedded defaults.
 
-Runs with no configuration: the embedded PostgreSQL in the data directory and the bundled model.
+Starts the embedded PostgreSQL, migrates it, inserts example memories and prompts (few-shot examples,
+a memory-augmented chat) as an application would, runs the daemon until they are measured, and prints
+from SQL what was learned where. Runs with no configuration: the embedded database and the bundled model.
 """
 
 import sys
+import uuid
 
 from tqdm import tqdm
 
+from icldaemon.daemon import DaemonSettings, Worker
 from icldaemon.engine.loading import load_model
-from icldaemon.engine.measure import max_positions, measure
-from icldaemon.engine.prompt import Memory, build_prompt
 from icldaemon.exceptions import IcldaemonError
 from icldaemon.logs import configure_logging, get_logger
-from icldaemon.report import summary_lines
 from icldaemon.settings import load_settings
+from icldaemon.store import queue
 from icldaemon.store.database import database_url
 from icldaemon.store.migrate import current, upgrade
+from icldaemon.store.queries import load_queries
 
-FEW_SHOT = (
-    "Translate English to French.\n"
-    "sea otter => loutre de mer\n"
-    "cheese => fromage\n"
-    "peppermint => menthe poivrée\n"
-    "plush giraffe => girafe en peluche\n"
-    "bread =>"
-)
-MEMORIES = [
-    Memory(id=1, key="favourite colour", content="The user's favourite colour is teal."),
-    Memory(id=2, key="pet", content="The user has a grey cat called Miso."),
-    Memory(id=3, key="city", content="The user lives in Lisbon and cycles to work."),
-]
-CHAT = [
-    {"role": "system", "content": "You are a helpful assistant. Use what you remember about the user."},
-    {"role": "user", "content": "What is the name of my cat?"},
-]
-EXAMPLES = {
-    "few-shot translation (raw text)": dict(text=FEW_SHOT),
-    "memory-augmented chat (3 retrieved memories)": dict(messages=CHAT, memories=MEMORIES),
+MEMORIES = {
+    "pet": "The user has a grey cat called Miso.",
+    "favourite colour": "The user's favourite colour is teal.",
+    "city": "The user lives in Lisbon and cycles to work.",
 }
+SYSTEM = "You are a helpful assistant. Use what you remember about the user."
+PROMPTS = [
+    ("few-shot translation", dict(text=(
+        "Translate English to French.\nsea otter => loutre de mer\ncheese => fromage\n"
+        "peppermint => menthe poivrée\nplush giraffe => girafe en peluche\nbread =>"))),
+    ("few-shot sentiment", dict(text=(
+        "Review: I loved every minute. Sentiment: positive\nReview: Dull and far too long. Sentiment: negative\n"
+        "Review: A warm, funny film. Sentiment: positive\nReview: I want my money back. Sentiment:"))),
+    ("chat: the cat's name", dict(messages=[{"role": "system", "content": SYSTEM},
+                                            {"role": "user", "content": "What is my cat called?"}],
+                                  memories=["pet", "favourite colour", "city"])),
+    ("chat: where the user lives", dict(messages=[{"role": "system", "content": SYSTEM},
+                                                  {"role": "user", "content": "Which city do I live in?"}],
+                                        memories=["city", "pet"])),
+    ("chat: a bike colour", dict(messages=[{"role": "system", "content": SYSTEM},
+                                           {"role": "user", "content": "What colour should I paint my bike?"}],
+                                 memories=["favourite colour", "city"])),
+]
+
+QUERIES = load_queries()
+BAR_WIDTH = 40  # characters for the largest per-layer update
+
+
+def _insert_examples(connection, session_id: uuid.UUID) -> dict[int, str]:
+    with connection.transaction():
+        memory_ids = {
+            key: connection.execute("INSERT INTO memories (key, content) VALUES (%s, %s) RETURNING id",
+                                    (key, content)).fetchone()[0]
+            for key, content in MEMORIES.items()
+        }
+    titles = {}
+    for title, example in PROMPTS:
+        example = dict(example)
+        keys = example.pop("memories", [])
+        prompt_id = queue.submit(connection, memory_ids=[memory_ids[key] for key in keys],
+                                 session_id=str(session_id), **example)
+        titles[prompt_id] = title
+    return titles
+
+
+def _report(connection, session_id: uuid.UUID, titles: dict[int, str]) -> None:
+    parameters = {"session_id": session_id}
+    print("\nPer prompt: the exact patch reproduces the model (error), and what the whole context changes (KL)")
+    print(f"{'prompt':<28} {'context':>7} {'layers':>6} {'max |logit err|':>15} {'patch KL':>9} "
+          f"{'context KL':>10} {'seconds':>7}")
+    for row in connection.execute(QUERIES["session_prompt_exactness"], parameters):
+        prompt_id, _kind, context, layers, error, exactness_kl, context_kl, seconds = row
+        print(f"{titles.get(prompt_id, prompt_id):<28} {context:>7} {layers:>6} {error:>15.2e} {exactness_kl:>9.1e} "
+              f"{context_kl:>10.4f} {seconds:>7.2f}")
+    print("\nPer memory: how much the answer depends on it (KL when removed) and the size of its weight patch")
+    print(f"{'memory':<18} {'runs':>4} {'mean KL':>9} {'mean ||dW||F':>13} {'mean ||db||':>12}")
+    for _memory_id, key, runs, mean_kl, update_norm, bias_norm in connection.execute(
+        QUERIES["session_memory_effects"], parameters
+    ):
+        print(f"{key:<18} {runs:>4} {mean_kl:>9.4f} {update_norm:>13.4f} {bias_norm:>12.4f}")
+    print("\nPer layer: the implicit update after the whole context (mean over the prompts)")
+    print(f"{'layer':>5} {'||dW||F':>9} {'||db||':>9}")
+    layers = connection.execute(QUERIES["session_final_update_norm_by_layer"], parameters).fetchall()
+    largest = max((update_norm for _layer, update_norm, _bias in layers), default=0.0) or 1.0
+    for layer_idx, update_norm, bias_norm in layers:
+        print(f"{layer_idx:>5} {update_norm:>9.4f} {bias_norm:>9.4f}  {'#' * round(BAR_WIDTH * update_norm / largest)}")
+    connection.rollback()
 
 
 def main() -> int:
     settings = load_settings()
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(settings.log_format, "warning" if settings.log_level == "info" else settings.log_level)
     log = get_logger()
+    session_id = uuid.uuid4()
     try:
+        loaded = load_model(settings.model, models_dir=settings.models_dir, device=settings.device,
+                            dtype=settings.dtype)
         with database_url(settings) as url:
             upgrade(url)
             print(f"database ready at schema revision {current(url)}")
-        loaded = load_model(settings.model, models_dir=settings.models_dir, device=settings.device,
-                            dtype=settings.dtype)
-        for title, example in tqdm(EXAMPLES.items(), desc="measuring", unit="prompt", file=sys.stderr):
-            prompt = build_prompt(loaded.tokenizer, max_tokens=max_positions(loaded.model), **example)
-            measurement = measure(loaded.model, prompt, model_name=loaded.name)
-            tqdm.write(f"\n=== {title}\n" + "\n".join(summary_lines(measurement)), file=sys.stdout)
+            with queue.connect(url) as connection:
+                titles = _insert_examples(connection, session_id)
+            print(f"queued {len(titles)} prompts (session {session_id})")
+            with tqdm(total=len(titles), desc="measuring", unit="prompt", file=sys.stderr) as progress:
+                worker = Worker.from_settings(url, loaded, DaemonSettings(), worker_id="demo",
+                                              on_processed=lambda prompt_id, status: progress.update(1))
+                counts = worker.run_once()
+            print(", ".join(f"{count} {status}" for status, count in sorted(counts.items())))
+            with queue.connect(url) as connection:
+                _report(connection, session_id, titles)
     except IcldaemonError as exc:
         log.error("demo_failed", error=str(exc))
         print(f"icldaemon demo: {exc}", file=sys.stderr)
