@@ -134,3 +134,37 @@ def test_two_daemons_measure_every_prompt_exactly_once(database_url, tiny_model_
     assert rows == expected
     claimed_by = [sum(entry.get("event") == "run_measured" for entry in daemon.events()) for daemon in daemons]
     assert sum(claimed_by) == 30
+
+
+def test_submit_run_once_and_status_from_the_shell(database_url, tiny_model_dir, tmp_path):
+    environment = {**os.environ, "ICLD_DATABASE_URL": database_url, "ICLD_MODEL": str(tiny_model_dir),
+                   "ICLD_DEVICE": "cpu", "ICLD_DATA_DIR": str(tmp_path), "ICLD_LOG_FORMAT": "json"}
+
+    def icldaemon(*arguments: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "icldaemon", *arguments], env=environment, capture_output=True,
+                              text=True, timeout=STARTUP_TIMEOUT)
+
+    with psycopg.connect(database_url) as connection:
+        memory_id = connection.execute("INSERT INTO memories (key, content) VALUES ('pet', 'A cat called Miso.') "
+                                       "RETURNING id").fetchone()[0]
+    messages = tmp_path / "chat.json"
+    messages.write_text(json.dumps([{"role": "user", "content": "What is my cat called?"}]), encoding="utf-8")
+    text = tmp_path / "prompt.txt"
+    text.write_text("cheese => fromage\nbread =>", encoding="utf-8")
+
+    submitted = icldaemon("submit", "--messages-file", str(messages), "--memory-ids", str(memory_id))
+    missing = icldaemon("submit", "--text-file", str(text), "--memory-ids", f"{memory_id},999999")
+    assert submitted.returncode == 0, submitted.stderr
+    assert missing.returncode == 1 and "memory 999999 does not exist" in missing.stderr
+    with psycopg.connect(database_url) as connection:
+        connection.execute("INSERT INTO prompts (messages) VALUES ('{\"role\": \"user\"}')")
+
+    ran = icldaemon("run", "--once", "--no-migrate")
+    status = icldaemon("status")
+
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "1 done, 1 failed"
+    assert status.returncode == 0
+    lines = status.stdout.splitlines()
+    assert [line.split() for line in lines[:4]] == [["queued", "0"], ["running", "0"], ["done", "1"], ["failed", "1"]]
+    assert "messages must be a non-empty JSON list" in status.stdout
