@@ -55,19 +55,20 @@ def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
         return psycopg.connect(driver_url(url), autocommit=autocommit)
 
 
-def _url_of(connection: psycopg.Connection) -> str:
+def connection_url(connection: psycopg.Connection) -> str:
+    """A password-free URL of where a connection points, for error messages."""
     info = connection.info
     return f"postgresql://{info.user}@{info.host}:{info.port}/{info.dbname}"
 
 
 def _held(connection: psycopg.Connection, query: str, parameters: dict, action: str) -> bool:
-    with translate_errors(_url_of(connection), action), connection.transaction():
+    with translate_errors(connection_url(connection), action), connection.transaction():
         return connection.execute(QUERIES[query], parameters).fetchone() is not None
 
 
 def claim(connection: psycopg.Connection, worker_id: str, lease_seconds: float = LEASE_SECONDS) -> Claim | None:
     """Claim the next due prompt for `worker_id`, or None when nothing is due."""
-    with translate_errors(_url_of(connection), "claiming a prompt"), connection.transaction():
+    with translate_errors(connection_url(connection), "claiming a prompt"), connection.transaction():
         row = connection.execute(
             QUERIES["claim_prompt"], {"worker_id": worker_id, "lease_seconds": lease_seconds}
         ).fetchone()
@@ -119,7 +120,7 @@ def complete(connection: psycopg.Connection, claim: Claim) -> bool:
 
 def retrievals(connection: psycopg.Connection, prompt_id: int) -> list[Retrieval]:
     """The prompt's retrieved memories ordered by rank."""
-    with translate_errors(_url_of(connection), "reading a prompt's memories"), connection.transaction():
+    with translate_errors(connection_url(connection), "reading a prompt's memories"), connection.transaction():
         rows = connection.execute(QUERIES["prompt_retrievals"], {"prompt_id": prompt_id}).fetchall()
     return [Retrieval(*row) for row in rows]
 
@@ -141,22 +142,22 @@ def submit(
         "session_id": session_id,
         "priority": priority,
     }
-    with translate_errors(_url_of(connection), "submitting a prompt"), connection.transaction():
+    with translate_errors(connection_url(connection), "submitting a prompt"), connection.transaction():
         return connection.execute(QUERIES["submit_prompt"], parameters).fetchone()[0]
 
 
 def listen(connection: psycopg.Connection) -> None:
     """Subscribe an autocommit connection to the notification sent when a prompt is queued."""
-    with translate_errors(_url_of(connection), "listening for prompts"):
+    with translate_errors(connection_url(connection), "listening for prompts"):
         connection.execute(QUERIES["listen_prompts"])
 
 
 def queue_counts(connection: psycopg.Connection) -> dict[str, int]:
-    with translate_errors(_url_of(connection), "counting prompts"), connection.transaction():
+    with translate_errors(connection_url(connection), "counting prompts"), connection.transaction():
         return dict(connection.execute(QUERIES["queue_counts"]).fetchall())
 
 
 def last_errors(connection: psycopg.Connection, limit: int = 5) -> list[dict]:
-    with translate_errors(_url_of(connection), "reading errors"), connection.transaction():
+    with translate_errors(connection_url(connection), "reading errors"), connection.transaction():
         with connection.cursor(row_factory=dict_row) as cursor:
             return cursor.execute(QUERIES["last_errors"], {"limit": limit}).fetchall()

@@ -184,7 +184,7 @@ def write_measurement(
         "exactness_kl": _finite_or_none(exactness["kl"]),
         "context_kl": _finite_or_none(measurement.context_ablation.kl),
     }
-    with translate_errors(_url(connection), f"writing the results of prompt {source.prompt_id}"):
+    with translate_errors(queue.connection_url(connection), f"writing the results of prompt {source.prompt_id}"):
         with connection.transaction():
             if not queue.complete(connection, claim):
                 return None
@@ -221,8 +221,3 @@ def write_measurement(
                         for segment in memories
                     ])
     return run_id
-
-
-def _url(connection: psycopg.Connection) -> str:
-    info = connection.info
-    return f"postgresql://{info.user}@{info.host}:{info.port}/{info.dbname}"
