@@ -17,6 +17,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 TIMESTAMPTZ = sa.DateTime(timezone=True)
+BRIN_PAGES_PER_RANGE = 8  # pages of icl_dynamics_log per BRIN summary: a few runs' rows at most
 
 
 # Every name is explicit and wrapped in op.f() so that no naming convention rewrites it.
@@ -73,7 +74,6 @@ def upgrade() -> None:
 
     op.create_table(
         "icl_dynamics_log",
-        sa.Column("id", sa.BigInteger(), sa.Identity(always=True), nullable=False),
         sa.Column("run_id", sa.BigInteger(), nullable=False),
         sa.Column("prompt_id", sa.BigInteger(), nullable=True),
         sa.Column("session_id", sa.Uuid(), nullable=True),
@@ -92,17 +92,21 @@ def upgrade() -> None:
         sa.Column("implicit_learning_rate", sa.Double(), nullable=True),
         sa.Column("bias_update_norm", sa.Double(), nullable=True),
         sa.Column("created_at", TIMESTAMPTZ, server_default=sa.text("now()"), nullable=False),
-        # A partitioned table's key must include the partition column.
-        sa.PrimaryKeyConstraint("id", "created_at", name=op.f("icl_dynamics_log_pkey")),
         postgresql_partition_by="RANGE (created_at)",
     )
+    # An append-only log written by COPY: a run's rows are contiguous and run ids and times only grow,
+    # so block-range indexes find a run or a time range at almost no write cost. A primary key
+    # (id, created_at) with an identity column and btrees on (run_id, layer_idx, token_idx),
+    # session_id and created_at held COPY to about 100,000 rows/s on a 2-core machine; this writes
+    # about 250,000 (bench/bench_writer.py). Session filters go through measurement_runs and prompts.
     op.create_index(
-        op.f("icl_dynamics_log_run_id_layer_idx_token_idx_idx"),
+        "icl_dynamics_log_run_id_brin",
         "icl_dynamics_log",
-        ["run_id", "layer_idx", "token_idx"],
+        ["run_id"],
+        postgresql_using="brin",
+        postgresql_with={"pages_per_range": BRIN_PAGES_PER_RANGE},
     )
-    op.create_index(op.f("icl_dynamics_log_session_id_idx"), "icl_dynamics_log", ["session_id"])
-    op.create_index(op.f("icl_dynamics_log_created_at_idx"), "icl_dynamics_log", ["created_at"])
+    op.create_index("icl_dynamics_log_created_at_brin", "icl_dynamics_log", ["created_at"], postgresql_using="brin")
     # Rows outside every monthly partition land here, so an insert never fails for want of a partition;
     # icldaemon.store.partitions.ensure_partitions creates the monthly ones.
     op.execute("CREATE TABLE icl_dynamics_log_default PARTITION OF icl_dynamics_log DEFAULT")
