@@ -7,6 +7,7 @@ per-row numbers as fixed-width big-endian fields, the per-token text once per to
 
 import hashlib
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -91,7 +92,12 @@ def prompt_hash(input_ids) -> str:
     return hashlib.sha256(np.asarray(input_ids, dtype="<i8").tobytes()).hexdigest()
 
 
-def dynamics_copy_payload(
+def dynamics_copy_payload(dynamics: dict[str, np.ndarray], tokens, **run) -> bytes:
+    """The whole binary COPY payload at once (see dynamics_copy_chunks)."""
+    return b"".join(dynamics_copy_chunks(dynamics, tokens, **run))
+
+
+def dynamics_copy_chunks(
     dynamics: dict[str, np.ndarray],
     tokens,
     *,
@@ -100,8 +106,11 @@ def dynamics_copy_payload(
     session_id=None,
     prompt_hash: str | None = None,
     model: str | None = None,
-) -> bytes:
-    """The binary COPY payload of every (layer, context token) row, layer-major; NaN becomes NULL."""
+) -> Iterator[bytes]:
+    """The binary COPY payload of every (layer, context token) row, layer-major, one layer a chunk.
+
+    NaN becomes NULL. In chunks, so that the server stores one layer while the next is assembled.
+    """
     num_layers, num_tokens = dynamics[DYNAMICS_NAMES[0]].shape
     if len(tokens) != num_tokens:
         raise ValueError(f"{len(tokens)} tokens for dynamics over {num_tokens} context tokens")
@@ -129,10 +138,11 @@ def dynamics_copy_payload(
     ]
     per_run = (_int_field(run_id, "q") + _int_field(prompt_id, "q") + _uuid_field(session_id)
                + _text_field(prompt_hash) + _text_field(model))
-    parts = [_COPY_HEADER]
+    yield _COPY_HEADER
     start = 0
     row = 0
     for _layer in range(num_layers):
+        parts = []
         for token_part in per_token:
             end = ends[row]
             parts.append(kept[start:end])
@@ -140,13 +150,15 @@ def dynamics_copy_payload(
             parts.append(per_run)
             start = end
             row += 1
-    parts.append(_COPY_TRAILER)
-    return b"".join(parts)
+        yield b"".join(parts)
+    yield _COPY_TRAILER
 
 
-def copy_dynamics(connection: psycopg.Connection, payload: bytes) -> None:
+def copy_dynamics(connection: psycopg.Connection, payload: bytes | Iterable[bytes]) -> None:
+    chunks = [payload] if isinstance(payload, bytes) else payload
     with connection.cursor() as cursor, cursor.copy(COPY_STATEMENT) as copy:
-        copy.write(payload)
+        for chunk in chunks:
+            copy.write(chunk)
 
 
 def _float32_le(array: np.ndarray) -> bytes:
@@ -189,7 +201,7 @@ def write_measurement(
             if not queue.complete(connection, claim):
                 return None
             run_id = connection.execute(QUERIES["insert_measurement_run"], run).fetchone()[0]
-            payload = dynamics_copy_payload(
+            payload = dynamics_copy_chunks(
                 measurement.dynamics, measurement.tokens, run_id=run_id, prompt_id=source.prompt_id,
                 session_id=source.session_id, prompt_hash=prompt_hash(measurement.input_ids), model=run["model"],
             )
