@@ -28,6 +28,10 @@ class Tap:
     def layer_output(self, layer_idx: int, hidden_states: torch.Tensor, state: dict) -> torch.Tensor | None:
         return None
 
+    def down_projection_rows(self) -> torch.Tensor | slice | None:
+        """Rows whose MLP output is read; the others skip the down projection (zeros). None: all rows."""
+        return None
+
 
 def _replace_first(value, replacement):
     if isinstance(value, tuple):
@@ -69,6 +73,25 @@ def _block_post(tap: Tap, layer_idx: int, state: dict, module, args, kwargs, out
     return None if replaced is None else _replace_first(output, replaced)
 
 
+def _down_pre(tap: Tap, state: dict, module, args):
+    rows = tap.down_projection_rows()
+    state["down_rows"] = rows
+    if rows is None:
+        return None
+    state["down_shape"] = args[0].shape
+    return (args[0][:, rows], *args[1:])
+
+
+def _down_post(state: dict, module, args, output):
+    rows = state.pop("down_rows", None)
+    if rows is None:
+        return None
+    batch, sequence, _ = state.pop("down_shape")
+    expanded = output.new_zeros(batch, sequence, output.shape[-1])
+    expanded[:, rows] = output
+    return expanded
+
+
 @contextmanager
 def tapped(model: nn.Module, adapter: ArchitectureAdapter, tap: Tap):
     handles = []
@@ -84,6 +107,9 @@ def tapped(model: nn.Module, adapter: ArchitectureAdapter, tap: Tap):
                     block.get_submodule(path).register_forward_hook(partial(_dense, tap, layer_idx, dense_idx, state))
                 )
             handles.append(block.get_submodule(adapter.mlp_output).register_forward_hook(partial(_mlp_output, state)))
+            down = block.get_submodule(adapter.down_proj)
+            handles.append(down.register_forward_pre_hook(partial(_down_pre, tap, state)))
+            handles.append(down.register_forward_hook(partial(_down_post, state)))
             handles.append(block.register_forward_hook(partial(_block_post, tap, layer_idx, state), with_kwargs=True))
         yield
     finally:

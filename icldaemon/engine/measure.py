@@ -155,7 +155,7 @@ class _PrefixCopies(Tap):
     """Overwrites hybrid copies from full copies and reduces both to the dynamics, chunk by chunk."""
 
     def __init__(self, num_layers: int):
-        self.full_index = self.hybrid_index = None
+        self.full_index = self.hybrid_index = self.mlp_rows = None
         self.prefixes: list[int] = []  # of the current chunk, descending
         self.values = {name: [dict() for _ in range(num_layers)] for name in DYNAMICS_NAMES}
         # per layer: (prefix, u, v) of the smallest prefix of the previous chunk, awaiting its successor
@@ -166,47 +166,43 @@ class _PrefixCopies(Tap):
         hidden_states[0, self.hybrid_index] = hidden_states[0, self.full_index]
         return hidden_states
 
+    def down_projection_rows(self):
+        # a hybrid copy's MLP output is never read: its next layer input is overwritten
+        return self.mlp_rows
+
     def layer_output(self, layer_idx, hidden_states, state):
         full, hybrid = self.full_index, self.hybrid_index
-        a = state["a"][0].to(REDUCTION_DTYPE)
-        z = torch.cat(state["z"], dim=-1)[0]
+        vecdot = torch.linalg.vecdot
+        a = state["a"][0]
+        a_full, a_tilde = a[full].to(REDUCTION_DTYPE), a[hybrid].to(REDUCTION_DTYPE)  # [copies, d_model]
+        # W delta, read off the dense layers' outputs: [copies, d_ff_total]
+        u = torch.cat([z[0, full] - z[0, hybrid] for z in state["z"]], dim=-1).to(REDUCTION_DTYPE)
         m = hidden_states[0] - state["mlp_output"][0]
-        a_full, a_tilde = a[full], a[hybrid]  # [copies, d_model]
-        u = (z[full] - z[hybrid]).to(REDUCTION_DTYPE)  # W delta, [copies, d_ff_total]
-        a_tilde_sq = (a_tilde * a_tilde).sum(-1)
-        v = a_tilde / a_tilde_sq[:, None]  # dW = u v^T
-        u_sq = (u * u).sum(-1)
-        frobenius = torch.sqrt(u_sq / a_tilde_sq)
-        delta_norm = torch.linalg.vector_norm(a_full - a_tilde, dim=-1)
-        bias_norm = torch.linalg.vector_norm((m[full] - m[hybrid]).to(REDUCTION_DTYPE), dim=-1)
-        # ||u_i v_i^T - u_j v_j^T||_F^2 from the rank-1 factors, for consecutive measured prefixes
-        u_next = torch.cat([u[1:], u.new_zeros(1, u.shape[1])])
-        v_next = torch.cat([v[1:], v.new_zeros(1, v.shape[1])])
-        v_sq = (v * v).sum(-1)
-        marginal_sq = (
-            u_sq * v_sq
-            + torch.cat([u_sq[1:] * v_sq[1:], u_sq.new_zeros(1)])
-            - 2 * (u * u_next).sum(-1) * (v * v_next).sum(-1)
-        )
+        bias_delta = (m[full] - m[hybrid]).to(REDUCTION_DTYPE)
+        delta = a_full - a_tilde
+        a_tilde_sq, u_sq = vecdot(a_tilde, a_tilde), vecdot(u, u)
+        frobenius_sq = u_sq / a_tilde_sq  # ||u v^T||^2 with v = a~ / ||a~||^2
+        frobenius = torch.sqrt(frobenius_sq)
         values = {
-            "delta_norm": delta_norm,
+            "delta_norm": torch.sqrt(vecdot(delta, delta)),
             "update_frobenius_norm": frobenius,
             "implicit_learning_rate": 1.0 / a_tilde_sq,
-            "bias_update_norm": bias_norm,
+            "bias_update_norm": torch.sqrt(vecdot(bias_delta, bias_delta)),
         }
         for name, column in values.items():
             self.values[name][layer_idx].update(zip(self.prefixes, column.tolist()))
+        # ||u_i v_i^T - u_j v_j^T||_F^2 = |dW_i|^2 + |dW_j|^2 - 2 (u_i.u_j)(v_i.v_j), for consecutive prefixes
         marginal = self.values["marginal_update_norm"][layer_idx]
         if self.carry[layer_idx] is not None:
-            prefix, u_prev, v_prev = self.carry[layer_idx]
-            difference_sq = (
-                (u_prev @ u_prev) * (v_prev @ v_prev) + u_sq[0] * v_sq[0] - 2 * (u_prev @ u[0]) * (v_prev @ v[0])
-            )
-            marginal[prefix] = math.sqrt(max(float(difference_sq), 0.0))
+            prefix, u_prev, a_prev, a_prev_sq, frobenius_prev_sq = self.carry[layer_idx]
+            cross = (u_prev @ u[0]) * (a_prev @ a_tilde[0]) / (a_prev_sq * a_tilde_sq[0])
+            marginal[prefix] = math.sqrt(max(float(frobenius_prev_sq + frobenius_sq[0] - 2 * cross), 0.0))
+        cross = vecdot(u[:-1], u[1:]) * vecdot(a_tilde[:-1], a_tilde[1:]) / (a_tilde_sq[:-1] * a_tilde_sq[1:])
+        marginal_sq = frobenius_sq[:-1] + frobenius_sq[1:] - 2 * cross
+        marginal.update(zip(self.prefixes[:-1], torch.sqrt(marginal_sq.clamp_min(0)).tolist()))
         # the last copy's successor is in the next chunk (or is the empty prefix, dW_0 = 0)
-        marginal.update(zip(self.prefixes[:-1], torch.sqrt(marginal_sq[:-1].clamp_min(0)).tolist()))
         marginal[self.prefixes[-1]] = float(frobenius[-1])
-        self.carry[layer_idx] = (self.prefixes[-1], u[-1], v[-1])
+        self.carry[layer_idx] = (self.prefixes[-1], u[-1], a_tilde[-1], a_tilde_sq[-1], frobenius_sq[-1])
 
 
 def measured_prefixes(prompt: SegmentedPrompt, stride: int) -> list[int]:
@@ -251,6 +247,7 @@ def _prefix_dynamics(model, adapter, prompt, cache, prefixes, chunk_copies) -> d
             _exclude_sibling_hybrids(mask, cache_length, hybrid_index)
             tap.full_index = torch.tensor(full_index, device=device)
             tap.hybrid_index = torch.tensor(hybrid_index, device=device)
+            tap.mlp_rows = slice(0, hybrid_index[0])  # the shared query tokens and the full copies
             tap.prefixes = chunk
             position_ids = torch.tensor([token.position for token in tokens], device=device)
             plan = _row_blocks(anchor, chunk, query_len, cache_length)
