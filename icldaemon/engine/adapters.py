@@ -26,6 +26,7 @@ class ArchitectureAdapter:
     first_dense: tuple[str, ...]  # paths inside a block, in the order their outputs are concatenated
     mlp_output: str  # path inside a block of the module whose output joins the residual
     down_proj: str  # path inside a block of the MLP's last dense layer (the bias patch's home in an adapter)
+    attention_projections: tuple[str, ...]  # paths inside a block of the query/key/value projection(s)
     parallel_residual: bool = False
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
@@ -41,6 +42,7 @@ _LLAMA_LIKE = dict(
     first_dense=("mlp.gate_proj", "mlp.up_proj"),
     mlp_output="mlp",
     down_proj="mlp.down_proj",
+    attention_projections=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
 )
 
 ADAPTERS: tuple[ArchitectureAdapter, ...] = (
@@ -56,6 +58,7 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
         first_dense=("mlp.gate_proj", "mlp.up_proj"),
         mlp_output="post_feedforward_layernorm",
         down_proj="mlp.down_proj",
+        attention_projections=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     ),
     ArchitectureAdapter(
         family="phi3",
@@ -65,6 +68,7 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
         first_dense=("mlp.gate_up_proj",),
         mlp_output="mlp",
         down_proj="mlp.down_proj",
+        attention_projections=("self_attn.qkv_proj",),
     ),
     ArchitectureAdapter(
         family="gpt2",
@@ -74,6 +78,7 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
         first_dense=("mlp.c_fc",),
         mlp_output="mlp",
         down_proj="mlp.c_proj",
+        attention_projections=("attn.c_attn",),
     ),
     ArchitectureAdapter(
         family="gpt_neox",
@@ -83,6 +88,7 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
         first_dense=("mlp.dense_h_to_4h",),
         mlp_output="mlp",
         down_proj="mlp.dense_4h_to_h",
+        attention_projections=("attention.query_key_value",),
         parallel_residual=True,
     ),
 )

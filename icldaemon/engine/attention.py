@@ -29,10 +29,14 @@ class RowBlock:
 _PLAN: ContextVar[list[RowBlock] | None] = ContextVar("icldaemon_attention_plan", default=None)
 
 
-def _row_blocked_sdpa(module, query, key, value, attention_mask, **kwargs):
+def _row_blocked_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     plan = _PLAN.get()
-    if plan is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if plan is None or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    # torch's SDPA directly: with a mask, transformers' wrapper repeats grouped key/value heads into
+    # copies, which enable_gqa avoids
+    grouped = key.shape[1] != query.shape[1]
     outputs = []
     for block in plan:
         block_keys = torch.cat([key[:, :, columns] for columns in block.keys], dim=2)
@@ -40,11 +44,12 @@ def _row_blocked_sdpa(module, query, key, value, attention_mask, **kwargs):
         block_mask = None
         if attention_mask is not None:
             block_mask = torch.cat([attention_mask[:, :, block.rows, columns] for columns in block.keys], dim=-1)
-        output, _ = sdpa_attention_forward(
-            module, query[:, :, block.rows], block_keys, block_values, block_mask, **kwargs
-        )
-        outputs.append(output)  # [batch, rows, heads, head_dim]
-    return torch.cat(outputs, dim=1), None
+        output = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, block.rows], block_keys, block_values, attn_mask=block_mask, scale=scaling,
+            enable_gqa=grouped,
+        )  # [batch, heads, rows, head_dim]
+        outputs.append(output)
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(BLOCKED_ATTENTION, _row_blocked_sdpa)

@@ -28,6 +28,14 @@ class Tap:
     def layer_output(self, layer_idx: int, hidden_states: torch.Tensor, state: dict) -> torch.Tensor | None:
         return None
 
+    def duplicate_rows(self) -> tuple[slice, torch.Tensor, torch.Tensor] | None:
+        """(computed, targets, sources): rows whose attention projections equal those of other rows.
+
+        Only the rows in `computed` are projected; each row of `targets` takes the projection of the
+        row at the same place in `sources`. None: every row is projected.
+        """
+        return None
+
     def down_projection_rows(self) -> torch.Tensor | slice | None:
         """Rows whose MLP output is read; the others skip the down projection (zeros). None: all rows."""
         return None
@@ -92,6 +100,23 @@ def _down_post(state: dict, module, args, output):
     return expanded
 
 
+def _projection_pre(tap: Tap, module, args):
+    plan = tap.duplicate_rows()
+    return None if plan is None else (args[0][:, plan[0]], *args[1:])
+
+
+def _projection_post(tap: Tap, module, args, output):
+    plan = tap.duplicate_rows()
+    if plan is None:
+        return None
+    computed, targets, sources = plan
+    batch, rows, features = output.shape
+    expanded = output.new_empty(batch, rows + len(targets), features)
+    expanded[:, computed] = output
+    expanded[:, targets] = expanded[:, sources]
+    return expanded
+
+
 @contextmanager
 def tapped(model: nn.Module, adapter: ArchitectureAdapter, tap: Tap):
     handles = []
@@ -107,6 +132,10 @@ def tapped(model: nn.Module, adapter: ArchitectureAdapter, tap: Tap):
                     block.get_submodule(path).register_forward_hook(partial(_dense, tap, layer_idx, dense_idx, state))
                 )
             handles.append(block.get_submodule(adapter.mlp_output).register_forward_hook(partial(_mlp_output, state)))
+            for path in adapter.attention_projections:
+                projection = block.get_submodule(path)
+                handles.append(projection.register_forward_pre_hook(partial(_projection_pre, tap)))
+                handles.append(projection.register_forward_hook(partial(_projection_post, tap)))
             down = block.get_submodule(adapter.down_proj)
             handles.append(down.register_forward_pre_hook(partial(_down_pre, tap, state)))
             handles.append(down.register_forward_hook(partial(_down_post, state)))

@@ -170,6 +170,10 @@ class _PrefixCopies(Tap):
         # a hybrid copy's MLP output is never read: its next layer input is overwritten
         return self.mlp_rows
 
+    def duplicate_rows(self):
+        # a hybrid copy's layer input and position are its full copy's: so are its query, key and value
+        return self.mlp_rows, self.hybrid_index, self.full_index
+
     def layer_output(self, layer_idx, hidden_states, state):
         full, hybrid = self.full_index, self.hybrid_index
         vecdot = torch.linalg.vecdot
