@@ -150,3 +150,16 @@ def test_chunk_size_does_not_change_the_result():
     all_at_once = measure(model, prompt, chunk_copies=1000, attribute_segments=False)
     for name in NAMES:
         np.testing.assert_allclose(one.dynamics[name], all_at_once.dynamics[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_measures_and_reports_its_exactness(dtype):
+    model = tiny_model("llama").to(dtype)
+    measurement = measure(model, segmented())
+    reference = measure(tiny_model("llama"), segmented())
+    assert measurement.model["dtype"] == str(dtype).removeprefix("torch.")
+    error = measurement.exactness["max_abs_logit_error"]
+    assert np.isfinite(error) and 0 < error < 0.05
+    # half precision tracks the float32 measurement to its own resolution
+    np.testing.assert_allclose(measurement.dynamics["update_frobenius_norm"],
+                               reference.dynamics["update_frobenius_norm"], rtol=0.1, atol=2e-3)
