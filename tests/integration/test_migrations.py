@@ -115,6 +115,8 @@ def test_upgrade_downgrade_upgrade(empty_database_url):
         "measurement_runs",
         "memory_effects",
         "memory_patches",
+        "adapters",
+        "adapter_patches",
         "icl_dynamics_log",
         "icl_dynamics_log_default",
         "icl_dynamics_log_y2026m01",
