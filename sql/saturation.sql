@@ -1,0 +1,39 @@
+-- Where does context stop teaching? For every layer, the context token after which the implicit weight
+-- update stops changing: the update norm ||dW||_F stays within 10% of its final value from that token
+-- to the end of the context (saturation_*), and the path length of the implicit descent (the running sum
+-- of the marginal updates) has covered 90% of its total (path_saturation_*). As a fraction of the
+-- context: near 1, every token still teaches; near 0, the first few tokens taught all there was.
+-- Read from the view icl_analytics.run_layers (one row per run and layer).
+
+-- name: saturation_by_layer --
+-- Per layer, over one model's runs since a time: where the update norm and the path length saturate, as a share of the context.
+SELECT layer_idx,
+       count(*) AS runs,
+       avg(saturation_fraction) AS mean_saturation_fraction,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY saturation_fraction) AS median_saturation_fraction,
+       avg(path_saturation_fraction) AS mean_path_saturation_fraction,
+       avg(final_update_norm) AS mean_final_update_norm,
+       avg(context_tokens) AS mean_context_tokens
+FROM icl_analytics.run_layers
+WHERE model = %(model)s AND created_at >= %(since)s
+GROUP BY layer_idx
+ORDER BY layer_idx;
+
+-- name: run_saturation --
+-- One run, per layer: the token at which its update norm and its path length saturate, with that token's text and segment.
+SELECT layers.layer_idx,
+       layers.saturation_token_idx,
+       layers.saturation_fraction,
+       saturation_token.token_text AS saturation_token_text,
+       saturation_token.segment AS saturation_segment,
+       layers.path_saturation_token_idx,
+       layers.path_saturation_fraction,
+       layers.final_update_norm,
+       layers.final_path_length
+FROM icl_analytics.run_layers AS layers
+LEFT JOIN icl_dynamics_log AS saturation_token
+       ON saturation_token.run_id = layers.run_id
+      AND saturation_token.layer_idx = layers.layer_idx
+      AND saturation_token.token_idx = layers.saturation_token_idx
+WHERE layers.run_id = %(run_id)s
+ORDER BY layers.layer_idx;
