@@ -1,4 +1,7 @@
-"""The command line: `icldaemon measure | migrate | run | submit | status`. The only place errors become messages and exit codes."""
+"""The command line: `icldaemon measure | migrate | run | submit | status | consolidate | adapters`.
+
+The only place errors become messages and exit codes.
+"""
 
 import argparse
 import json
@@ -87,6 +90,7 @@ def cmd_migrate(args, settings: Settings) -> int:
 
 
 def cmd_run(args, settings: Settings) -> int:
+    from icldaemon.consolidate import ConsolidationSettings
     from icldaemon.daemon import DaemonSettings, Worker
     from icldaemon.engine.loading import load_model
     from icldaemon.store.database import database_url
@@ -96,7 +100,8 @@ def cmd_run(args, settings: Settings) -> int:
     with database_url(settings) as url:
         if args.migrate:
             upgrade(url)
-        worker = Worker.from_settings(url, loaded, DaemonSettings(), worker_id=args.worker_id, stride=args.stride)
+        worker = Worker.from_settings(url, loaded, DaemonSettings(), worker_id=args.worker_id, stride=args.stride,
+                                      consolidation=ConsolidationSettings(), adapters_dir=settings.adapters_dir)
         if args.once:
             counts = worker.run_once()
             print(", ".join(f"{count} {status}" for status, count in sorted(counts.items())) or "nothing to do")
@@ -148,6 +153,54 @@ def cmd_status(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_consolidate(args, settings: Settings) -> int:
+    from icldaemon.consolidate import ConsolidationRequest, ConsolidationSettings, Consolidator, describe
+    from icldaemon.engine.loading import load_model
+    from icldaemon.store.database import database_url
+
+    defaults = ConsolidationSettings()
+    request = ConsolidationRequest(
+        scope=args.scope or ("memory" if args.memory_id is not None else
+                             "session" if args.session_id is not None else defaults.scope),
+        memory_id=args.memory_id, session_id=args.session_id,
+        rank=args.rank or defaults.rank, min_patches=args.min_patches or defaults.min_patches,
+        ridge=defaults.ridge if args.ridge is None else args.ridge, held_out=defaults.held_out,
+    )
+    loaded = load_model(settings.model, models_dir=settings.models_dir, device=settings.device, dtype=settings.dtype)
+    with database_url(settings) as url:
+        records = Consolidator(url, loaded, settings.adapters_dir).run(request)
+    for record in records:
+        print(describe(record))
+    if not records:
+        print(f"no {request.scope} has {request.min_patches} new patches of {loaded.name} yet")
+    return 0
+
+
+def cmd_adapters(args, settings: Settings) -> int:
+    from icldaemon.consolidate import list_adapters
+    from icldaemon.store import queue
+    from icldaemon.store.database import database_url
+
+    with database_url(settings) as url, queue.connect(url) as connection:
+        rows = list_adapters(connection, args.limit)
+    if not rows:
+        print("no adapters yet")
+        return 0
+
+    def share(value):
+        return "    -" if value is None else f"{value:5.0%}"
+
+    print(f"{'id':>5}  {'scope':<20} {'v':>3} {'rank':>4} {'fit':>4} {'held':>4}  {'query':>5} {'LoRA':>5} "
+          f"{'greedy':>6}  path")
+    for row in rows:
+        print(f"{row['id']:>5}  {row['scope_key']:<20} {row['version']:>3} {row['rank']:>4} {row['patch_count']:>4} "
+              f"{row['held_out_count']:>4}  {share(row['recovered_query'])} {share(row['recovered_all'])} "
+              f"{share(row['greedy_match_all']):>6}  {row['path']}")
+    print("query / LoRA: share of the context's effect (KL) recovered on held-out queries with the static patch at the"
+          " query position / at every position; greedy: held-out queries whose next token the LoRA adapter keeps")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="icldaemon", description=__doc__)
     parser.add_argument("--log-format", choices=["json", "console", "auto"], help="overrides ICLD_LOG_FORMAT")
@@ -189,6 +242,22 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="queue counts by status and the last errors")
     status.add_argument("--errors", type=int, default=5, help="how many recent errors to show (default 5)")
     status.set_defaults(handler=cmd_status)
+
+    consolidate = commands.add_parser(
+        "consolidate", help="fit the stored patches of memories (or sessions) into PEFT LoRA adapters")
+    consolidate.add_argument("--memory-id", type=int, help="only this memory")
+    consolidate.add_argument("--session-id", help="only this session (a UUID)")
+    consolidate.add_argument("--scope", choices=["memory", "session", "all"],
+                             help="what one adapter covers (default: ICLD_CONSOLIDATE_SCOPE, else memory)")
+    consolidate.add_argument("--rank", type=int, help="LoRA rank (default: ICLD_CONSOLIDATE_RANK, else 4)")
+    consolidate.add_argument("--min-patches", type=int,
+                             help="new patches a group needs (default: ICLD_CONSOLIDATE_MIN_PATCHES, else 8)")
+    consolidate.add_argument("--ridge", type=float, help="ridge lambda as a share of the mean squared input norm")
+    consolidate.set_defaults(handler=cmd_consolidate)
+
+    adapters = commands.add_parser("adapters", help="list the adapter versions with their fidelity")
+    adapters.add_argument("--limit", type=int, default=50, help="how many, newest first (default 50)")
+    adapters.set_defaults(handler=cmd_adapters)
     return parser
 
 

@@ -14,19 +14,25 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import psycopg
 from apscheduler.schedulers.background import BackgroundScheduler
+from pydantic import PositiveFloat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from icldaemon.assembly import assemble_prompt
+from icldaemon.consolidate import ConsolidationRequest, ConsolidationSettings, Consolidator
 from icldaemon.engine.loading import LoadedModel
-from icldaemon.engine.measure import max_positions, measure
-from icldaemon.engine.prompt import Memory, SegmentedPrompt, build_prompt
+from icldaemon.engine.measure import measure
+from icldaemon.engine.prompt import SegmentedPrompt
 from icldaemon.exceptions import BadInputError, DatabaseError, NumericalError
 from icldaemon.logs import get_logger
+from icldaemon.sdnotify import Notifier
 from icldaemon.store import queue, writer
 from icldaemon.store.database import create_unpooled_engine_for
 from icldaemon.store.partitions import ensure_partitions
+from icldaemon.store.retention import drop_expired_partitions
 
 POLL_INTERVAL = 5.0  # seconds between polls when no notification arrives
 LEASE_SECONDS = queue.LEASE_SECONDS  # seconds
@@ -35,6 +41,7 @@ BACKOFF_SECONDS = queue.BACKOFF_SECONDS  # seconds before the second attempt, do
 STOP_TIMEOUT = 30.0  # seconds the current job may take to finish after SIGTERM
 PARTITION_MAINTENANCE_HOURS = 24.0  # hours between partition maintenance runs
 LISTEN_TIMEOUT = 1.0  # seconds the listener waits before checking whether to stop
+MAIN_LOOP_TICK = 0.5  # seconds between the main thread's checks (stop, systemd status and watchdog)
 
 
 class DaemonSettings(BaseSettings):
@@ -47,6 +54,8 @@ class DaemonSettings(BaseSettings):
     max_attempts: int = MAX_ATTEMPTS
     backoff_seconds: float = BACKOFF_SECONDS
     stop_timeout: float = STOP_TIMEOUT
+    # days: monthly partitions of icl_dynamics_log that ended longer ago are dropped; unset keeps all
+    retention_days: PositiveFloat | None = None
 
 
 def default_worker_id() -> str:
@@ -96,7 +105,10 @@ class Worker:
         backoff_seconds: float = BACKOFF_SECONDS,
         stop_timeout: float = STOP_TIMEOUT,
         stride: int = 1,
+        retention_days: float | None = None,
         on_processed: Callable[[int, str], None] | None = None,
+        consolidation: ConsolidationSettings | None = None,
+        adapters_dir: Path | None = None,
     ):
         self.url = url
         self.loaded = loaded
@@ -104,34 +116,30 @@ class Worker:
         self.poll_interval, self.lease_seconds, self.max_attempts = poll_interval, lease_seconds, max_attempts
         self.backoff_seconds, self.stop_timeout, self.stride = backoff_seconds, stop_timeout, stride
         self.on_processed = on_processed
+        self.retention_days = retention_days
         self.log = get_logger(worker_id=self.worker_id, model=loaded.name)
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._current: queue.Claim | None = None
+        self._listening = threading.Event()
+        # Consolidation runs the model, so it runs on the worker thread, between prompts.
+        self.consolidation = consolidation
+        self.adapters_dir = adapters_dir
+        self._consolidation_due = threading.Event()
 
     @classmethod
     def from_settings(cls, url: str, loaded: LoadedModel, settings: DaemonSettings | None = None, **options):
         settings = settings or DaemonSettings()
         return cls(url, loaded, poll_interval=settings.poll_interval, lease_seconds=settings.lease_seconds,
                    max_attempts=settings.max_attempts, backoff_seconds=settings.backoff_seconds,
-                   stop_timeout=settings.stop_timeout, **options)
+                   stop_timeout=settings.stop_timeout, retention_days=settings.retention_days, **options)
 
     # --- one prompt
 
     def assemble(self, connection: psycopg.Connection, claim: queue.Claim) -> SegmentedPrompt:
         """The claimed prompt rendered with its memories in rank order; BadInputError names what is wrong."""
-        memories = []
-        for retrieval in queue.retrievals(connection, claim.prompt_id):
-            if not retrieval.exists:
-                raise BadInputError(f"memory {retrieval.memory_id} (rank {retrieval.rank}) does not exist")
-            memories.append(Memory(content=retrieval.content, key=retrieval.key, id=retrieval.memory_id))
-        if claim.text is not None and claim.messages is not None:
-            raise BadInputError("exactly one of text or messages must be given")
-        source = {"text": writer.clean_text(claim.text)} if claim.text is not None else {"messages": claim.messages}
-        if claim.text is not None and source["text"] != claim.text:
-            raise BadInputError("the prompt text contains a NUL character or invalid Unicode")
-        return build_prompt(self.loaded.tokenizer, memories=memories, max_tokens=max_positions(self.loaded.model),
-                            **source)
+        return assemble_prompt(self.loaded.tokenizer, self.loaded.model, messages=claim.messages, text=claim.text,
+                               retrievals=queue.retrievals(connection, claim.prompt_id))
 
     def process(self, connection: psycopg.Connection, claim: queue.Claim) -> str:
         """Measure one claimed prompt and write its results; returns its status afterwards ('lost' if taken away)."""
@@ -210,6 +218,7 @@ class Worker:
                 with queue.connect(self.url, autocommit=True) as connection:
                     queue.listen(connection)
                     self.log.info("listening")
+                    self._listening.set()
                     while not self._stopping.is_set():
                         for _notify in connection.notifies(timeout=LISTEN_TIMEOUT, stop_after=1):
                             self._wake.set()
@@ -225,18 +234,51 @@ class Worker:
                     while not self._stopping.is_set():
                         self._wake.clear()
                         self._drain(connection, counts)
+                        if self._consolidation_due.is_set() and not self._stopping.is_set():
+                            self._consolidation_due.clear()
+                            self.consolidate()
+                            continue
                         self._wake.wait()
             except DatabaseError as exc:
                 self.log.error("worker_database_error", error=str(exc))
                 self._stopping.wait(self.poll_interval)
+
+    def consolidate(self) -> None:
+        """One scheduled consolidation of every due group; a failing group is logged and skipped."""
+        if self.consolidation is None or self.adapters_dir is None:
+            return
+        consolidator = Consolidator(self.url, self.loaded, self.adapters_dir)
+        try:
+            consolidator.run(ConsolidationRequest.from_settings(self.consolidation), raise_errors=False)
+        except DatabaseError as exc:
+            self.log.error("consolidation_failed", error=str(exc), error_type=type(exc).__name__)
+
+    def _schedule_consolidation(self, scheduler: BackgroundScheduler) -> None:
+        settings = self.consolidation
+        if settings is None or self.adapters_dir is None:
+            return
+
+        def due() -> None:
+            self._consolidation_due.set()
+            self._wake.set()
+
+        if settings.cron:
+            from apscheduler.triggers.cron import CronTrigger
+
+            scheduler.add_job(due, CronTrigger.from_crontab(settings.cron, timezone="UTC"), id="consolidate")
+        elif settings.interval_minutes > 0:
+            scheduler.add_job(due, "interval", minutes=settings.interval_minutes, id="consolidate")
 
     def maintain_partitions(self) -> None:
         engine = create_unpooled_engine_for(self.url)
         try:
             with engine.begin() as connection:
                 created = ensure_partitions(connection)
+                dropped = drop_expired_partitions(connection, self.retention_days) if self.retention_days else []
             if created:
                 self.log.info("partitions_created", partitions=created)
+            if dropped:
+                self.log.info("partitions_dropped", partitions=dropped, retention_days=self.retention_days)
         except DatabaseError as exc:
             self.log.error("partition_maintenance_failed", error=str(exc))
         finally:
@@ -253,22 +295,37 @@ class Worker:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
+    def _activity(self) -> str:
+        current = self._current
+        return f"measuring prompt {current.prompt_id}" if current is not None else "waiting for prompts"
+
     def run_forever(self) -> int:
         """Serve until SIGTERM/SIGINT (or stop()); returns the exit code, 0."""
         self.log.info("daemon_started", poll_interval=self.poll_interval, lease_seconds=self.lease_seconds)
         scheduler = BackgroundScheduler(timezone="UTC")
         scheduler.add_job(self._wake.set, "interval", seconds=self.poll_interval, id="poll")
         scheduler.add_job(self.maintain_partitions, "interval", hours=PARTITION_MAINTENANCE_HOURS, id="partitions")
+        self._schedule_consolidation(scheduler)
         listener = threading.Thread(target=self._listen, name="listen", daemon=True)
         worker = threading.Thread(target=self._work, name="work", daemon=True)
+        notifier = Notifier()
+        ready = False
         with self._signals():
             self.maintain_partitions()
             scheduler.start()
             listener.start()
             worker.start()
+            # The main thread feeds systemd's watchdog: a process whose main loop stops turning is restarted.
+            tick = min(MAIN_LOOP_TICK, notifier.watchdog_interval or MAIN_LOOP_TICK)
             while worker.is_alive() and not self._stopping.is_set():
-                self._stopping.wait(0.5)
+                if self._listening.is_set():
+                    if not ready:
+                        ready = notifier.ready(self._activity()) or True
+                    notifier.status(self._activity())
+                notifier.watchdog()
+                self._stopping.wait(tick)
             self.log.info("daemon_stopping", current_prompt=self._current and self._current.prompt_id)
+            notifier.stopping()
             self._stopping.set()
             self._wake.set()
             worker.join(self.stop_timeout)
@@ -279,5 +336,6 @@ class Worker:
                     released = queue.release(connection, current)
                 self.log.warning("prompt_released", prompt_id=current.prompt_id, released=released)
             listener.join(LISTEN_TIMEOUT * 2)
+        notifier.close()
         self.log.info("daemon_stopped")
         return 0

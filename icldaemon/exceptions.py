@@ -30,3 +30,7 @@ class NumericalError(IcldaemonError):
 
 class DatabaseError(IcldaemonError):
     """The database operation failed."""
+
+
+class ConsolidationError(IcldaemonError):
+    """The patches could not be consolidated into an adapter."""

@@ -1,0 +1,192 @@
+"""Consolidation against a real database: measured prompts' patches become listed PEFT adapter versions."""
+
+import copy
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import psycopg
+import pytest
+import torch
+from daemon_fixtures import save_tiny_model
+
+from icldaemon.consolidate import ConsolidationRequest, Consolidator
+from icldaemon.daemon import Worker
+from icldaemon.engine.loading import load_model
+from icldaemon.engine.prompt import Memory, build_prompt
+from icldaemon.exceptions import BadInputError, ConsolidationError
+
+FACT = "The user's locker code is 4-7-1-9."
+QUESTIONS = [
+    "What is my locker code?", "Remind me of the code for my locker.", "Which code opens my locker?",
+    "I forgot my locker combination, what was it?", "Tell me the locker code.", "My locker code, please?",
+    "How do I open my locker?", "What numbers open the locker?", "Locker code?", "What's the code again?",
+]
+OTHERS = ["The user likes tea.", "The user lives in Porto.", "The user has two sisters.", "The user runs daily.",
+          "The user is a nurse.", "The user owns a bike.", "The user reads novels.", "The user plays chess.",
+          "The user speaks Dutch.", "The user hates rain."]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir, tmp_path_factory):
+    return load_model(str(tiny_dir), models_dir=tmp_path_factory.mktemp("models"), device="cpu")
+
+
+def measure_questions(url, tiny, questions, others) -> int:
+    """Queue one chat per question, retrieving the fact and one other memory; measure them; the fact's id."""
+    with psycopg.connect(url) as connection:
+        fact_id = connection.execute("SELECT id FROM memories WHERE key = 'locker'").fetchone()
+        if fact_id is None:
+            fact_id = connection.execute("INSERT INTO memories (key, content) VALUES ('locker', %s) RETURNING id",
+                                         (FACT,)).fetchone()
+        for question, other in zip(questions, others, strict=True):
+            other_id = connection.execute("INSERT INTO memories (key, content) VALUES ('about', %s) RETURNING id",
+                                          (other,)).fetchone()[0]
+            messages = [{"role": "user", "content": question}]
+            connection.execute("SELECT icl_submit(%s::jsonb, %s::bigint[])",
+                               (json.dumps(messages), [fact_id[0], other_id]))
+    counts = Worker(url, tiny, worker_id="test").run_once()
+    assert counts == {"done": len(questions)}
+    return fact_id[0]
+
+
+def last_log_probs(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+    return torch.log_softmax(logits.double(), dim=-1)
+
+
+def kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    return float((p.exp() * (p - q)).sum())
+
+
+def test_a_memory_becomes_a_listed_adapter_whose_fidelity_checks_out(database_url, tiny, tmp_path):
+    fact_id = measure_questions(database_url, tiny, QUESTIONS[:6], OTHERS[:6])
+    adapters_dir = tmp_path / "adapters"
+
+    records = Consolidator(database_url, tiny, adapters_dir).run(
+        ConsolidationRequest(memory_id=fact_id, rank=2, min_patches=4))
+
+    assert len(records) == 1
+    record = records[0]
+    assert (record.scope_key, record.version, record.patch_count, record.held_out_count) == (f"memory:{fact_id}", 1, 4, 2)
+    assert sorted(path.name for path in record.path.parent.iterdir()) == ["v1"]  # no temporary directory left
+    with psycopg.connect(database_url) as connection:
+        row = connection.execute("SELECT path, rank, kl_without, kl_adapter_all, recovered_all, memory_id "
+                                 "FROM adapters").fetchone()
+        roles = connection.execute(
+            "SELECT adapter_patches.role, prompts.messages FROM adapter_patches "
+            "JOIN measurement_runs ON measurement_runs.id = adapter_patches.run_id "
+            "JOIN prompts ON prompts.id = measurement_runs.prompt_id ORDER BY adapter_patches.run_id").fetchall()
+        stamped = connection.execute("SELECT count(*) FROM memory_patches WHERE memory_id = %s "
+                                     "AND consolidated_at IS NOT NULL", (fact_id,)).fetchone()[0]
+    assert row[0] == str(record.path) and row[1] == 2 and row[5] == fact_id
+    assert [role for role, _ in roles] == ["fit"] * 4 + ["held_out"] * 2  # the newest are held out
+    assert stamped == 6
+
+    # The fidelity figures, recomputed independently: each held-out chat rendered again with only the other
+    # memory, and the adapter loaded from its directory by PEFT.
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # PEFT reads a property transformers 5 deprecates
+        warnings.filterwarnings("ignore", message=".*lora_bias=True.*has no bias")  # no merging into bias-free layers
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny.model), str(record.path))
+    kl_without, kl_adapter = [], []
+    for question, other in zip(QUESTIONS[4:6], OTHERS[4:6], strict=True):
+        messages = [{"role": "user", "content": question}]
+        fact, about = Memory(FACT, "locker", fact_id), Memory(other, "about", 0)
+        with_ids = build_prompt(tiny.tokenizer, messages=messages, memories=[fact, about]).input_ids
+        without_ids = build_prompt(tiny.tokenizer, messages=messages, memories=[about]).input_ids
+        full = last_log_probs(tiny.model, with_ids)
+        kl_without.append(kl(full, last_log_probs(tiny.model, without_ids)))
+        kl_adapter.append(kl(full, last_log_probs(peft_model, without_ids)))
+    assert row[2] == pytest.approx(np.mean(kl_without), rel=1e-4)
+    assert row[3] == pytest.approx(np.mean(kl_adapter), rel=1e-4)
+    assert row[4] == pytest.approx(1 - np.mean(kl_adapter) / np.mean(kl_without), rel=1e-4, abs=1e-6)
+
+    # nothing new: no second version; four new patches: version 2, and version 1 stays listed
+    with pytest.raises(BadInputError, match=f"memory:{fact_id} has 0 new patches .* at least 4 are needed"):
+        Consolidator(database_url, tiny, adapters_dir).run(ConsolidationRequest(memory_id=fact_id, min_patches=4))
+    measure_questions(database_url, tiny, QUESTIONS[6:10], OTHERS[6:10])
+    second = Consolidator(database_url, tiny, adapters_dir).run(ConsolidationRequest(memory_id=fact_id, min_patches=4))
+    assert [(r.version, r.patch_count, r.held_out_count) for r in second] == [(2, 8, 2)]  # 10 patches, a quarter held out
+    with psycopg.connect(database_url) as connection:
+        assert [v for (v,) in connection.execute("SELECT version FROM adapters ORDER BY version")] == [1, 2]
+
+
+def test_scheduled_scope_consolidates_every_due_memory_and_skips_the_rest(database_url, tiny, tmp_path):
+    fact_id = measure_questions(database_url, tiny, QUESTIONS[:4], OTHERS[:4])
+    records = Consolidator(database_url, tiny, tmp_path).run(ConsolidationRequest(min_patches=4), raise_errors=False)
+    # the fact was retrieved four times; every other memory once
+    assert [record.scope_key for record in records] == [f"memory:{fact_id}"]
+    session = Consolidator(database_url, tiny, tmp_path).run(ConsolidationRequest(scope="all", min_patches=4))
+    assert [(record.scope_key, record.patch_count + record.held_out_count) for record in session] == [("all", 8)]
+
+
+def test_patches_of_another_model_revision_are_not_mixed_in(database_url, tiny, tmp_path):
+    fact_id = measure_questions(database_url, tiny, QUESTIONS[:4], OTHERS[:4])
+    with psycopg.connect(database_url) as connection:
+        connection.execute("UPDATE memory_patches SET model_revision = 'f00dfeedf00dfeed' WHERE memory_id = %s",
+                           (fact_id,))
+    with pytest.raises(BadInputError, match=f"memory:{fact_id} has no patches of model .*; it has 4 of .*f00dfeed"):
+        Consolidator(database_url, tiny, tmp_path).run(ConsolidationRequest(memory_id=fact_id, min_patches=2))
+
+
+def test_nan_in_a_stored_patch_fails_the_group_and_lists_nothing(database_url, tiny, tmp_path):
+    fact_id = measure_questions(database_url, tiny, QUESTIONS[:4], OTHERS[:4])
+    with psycopg.connect(database_url) as connection:
+        run_id, raw = connection.execute("SELECT run_id, a_tilde FROM memory_patches WHERE memory_id = %s "
+                                         "ORDER BY run_id LIMIT 1", (fact_id,)).fetchone()
+        values = np.frombuffer(raw, dtype="<f4").copy()
+        values[5] = np.nan
+        connection.execute("UPDATE memory_patches SET a_tilde = %s WHERE run_id = %s AND memory_id = %s",
+                           (values.tobytes(), run_id, fact_id))
+    with pytest.raises(ConsolidationError, match=f"a_tilde of memory {fact_id} in run {run_id} holds NaN"):
+        Consolidator(database_url, tiny, tmp_path).run(ConsolidationRequest(memory_id=fact_id, min_patches=2))
+    with psycopg.connect(database_url) as connection:
+        assert connection.execute("SELECT count(*) FROM adapters").fetchone()[0] == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def _limit_file_size():
+    # a full disk, as the writer sees it: writes past 4 KiB fail with EFBIG instead of killing the process
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+
+def test_a_failed_write_leaves_no_directory_and_no_row(database_url, tiny, tiny_dir, tmp_path):
+    fact_id = measure_questions(database_url, tiny, QUESTIONS[:4], OTHERS[:4])
+    environment = {**os.environ, "ICLD_DATABASE_URL": database_url, "ICLD_MODEL": str(tiny_dir),
+                   "ICLD_DEVICE": "cpu", "ICLD_DATA_DIR": str(tmp_path), "ICLD_LOG_FORMAT": "json"}
+    command = [sys.executable, "-m", "icldaemon", "consolidate", "--memory-id", str(fact_id), "--min-patches", "2"]
+
+    failed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300,
+                            preexec_fn=_limit_file_size)
+
+    assert failed.returncode == 1, failed.stderr
+    assert "cannot write the adapter directory" in failed.stderr and "File too large" in failed.stderr
+    with psycopg.connect(database_url) as connection:
+        assert connection.execute("SELECT count(*) FROM adapters").fetchone()[0] == 0
+        assert connection.execute("SELECT count(*) FROM memory_patches WHERE consolidated_at IS NOT NULL"
+                                  ).fetchone()[0] == 0
+    scope_dir = tmp_path / "adapters"
+    assert [path for path in scope_dir.rglob("*") if path.is_file()] == []
+
+    # with room to write, the same command succeeds and lists the adapter
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"memory:{fact_id} v1: fitted on 3 patches, checked on 1 held out" in done.stdout
+    listing = subprocess.run([sys.executable, "-m", "icldaemon", "adapters"], env=environment, capture_output=True,
+                             text=True, timeout=300)
+    assert f"memory:{fact_id}" in listing.stdout and "v1" not in listing.stderr
