@@ -1,4 +1,4 @@
-"""The command line: `icldaemon measure | migrate | run | submit | status | consolidate | adapters`.
+"""The command line: `icldaemon measure | migrate | run | submit | status | consolidate | adapters | plot | roles`.
 
 The only place errors become messages and exit codes.
 """
@@ -74,7 +74,7 @@ def cmd_measure(args, settings: Settings) -> int:
     if args.plot:
         from icldaemon.plots import plot_measurement
 
-        plot_measurement(measurement, args.plot)
+        plot_measurement(measurement, args.plot, layers=args.layers)
         print(f"wrote {args.plot}")
     return 0
 
@@ -201,6 +201,42 @@ def cmd_adapters(args, settings: Settings) -> int:
     return 0
 
 
+def _layers(value: str) -> list[int]:
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 0,5,29, got {value!r}") from None
+
+
+def cmd_plot(args, settings: Settings) -> int:
+    from icldaemon.plots import plot_run
+    from icldaemon.store import queue
+    from icldaemon.store.database import database_url
+    from icldaemon.store.runs import load_run
+
+    with database_url(settings) as url, queue.connect(url) as connection:
+        run = load_run(connection, args.run_id)
+    out = args.out or f"run-{args.run_id}.png"
+    plot_run(run, out, layers=args.layers)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_roles(args, settings: Settings) -> int:
+    from icldaemon.store.database import database_url
+    from icldaemon.store.roles import ensure_roles
+
+    names = {role: name for role, name in (("writer", args.writer), ("reader", args.reader)) if name}
+    with database_url(settings) as url:
+        report = ensure_roles(url, **names)
+    print(f"writer role {report.writer}, read-only role {report.reader}: privileges granted")
+    if report.created:
+        print(f"created (login, no password yet): {', '.join(report.created)}")
+    if report.tables_given:
+        print(f"now owned by {report.writer}: {', '.join(report.tables_given)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="icldaemon", description=__doc__)
     parser.add_argument("--log-format", choices=["json", "console", "auto"], help="overrides ICLD_LOG_FORMAT")
@@ -216,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--stride", type=int, default=1, help="measure every k-th prefix (and segment boundaries)")
     measure.add_argument("--json", metavar="OUT", help="write the measurement as JSON")
     measure.add_argument("--plot", metavar="OUT.png", help="write per-token curves and a layer x token heatmap")
+    measure.add_argument("--layers", type=_layers, help="layers to draw curves for in --plot: 0,5,29")
     measure.set_defaults(handler=cmd_measure)
 
     migrate = commands.add_parser("migrate", help="create or upgrade the schema (embedded database if none is set)")
@@ -258,6 +295,17 @@ def build_parser() -> argparse.ArgumentParser:
     adapters = commands.add_parser("adapters", help="list the adapter versions with their fidelity")
     adapters.add_argument("--limit", type=int, default=50, help="how many, newest first (default 50)")
     adapters.set_defaults(handler=cmd_adapters)
+
+    plot = commands.add_parser("plot", help="draw a measured run from the database: per-token curves and a heatmap")
+    plot.add_argument("run_id", type=int, help="measurement_runs.id")
+    plot.add_argument("--out", metavar="OUT.png", help="where to write the PNG (default run-RUN_ID.png)")
+    plot.add_argument("--layers", type=_layers, help="layers to draw curves for: 0,5,29 (default: five spread out)")
+    plot.set_defaults(handler=cmd_plot)
+
+    roles = commands.add_parser("roles", help="create the writer and read-only database roles and grant them")
+    roles.add_argument("--writer", help="the daemon's role (default icldaemon_writer)")
+    roles.add_argument("--reader", help="the read-only role for Grafana and analysts (default icldaemon_reader)")
+    roles.set_defaults(handler=cmd_roles)
     return parser
 
 
