@@ -3,7 +3,8 @@
 A group is one memory ("memory:12"), one session ("session:<uuid>") or everything ("all") of the
 loaded model and weights revision. When a group has at least `min_patches` patches that no adapter
 of it has used, all its patches are split by age: the newest `held_out` share is kept out of the fit
-and its queries measure the fidelity (DESIGN.md §1); the rest are fitted. The adapter directory is
+and its queries measure the fidelity (DESIGN.md §1); the rest are fitted: directly (the steering patch,
+for the query position) and layer by layer at every position (the LoRA adapter). The adapter directory is
 written under a temporary name and renamed into place, then listed in `adapters` in one transaction
 with the patches it used; a directory that is not listed there is never a finished adapter.
 """
@@ -30,6 +31,7 @@ from icldaemon.engine.consolidation import (
     FidelityExample,
     PatchSet,
     export_lora,
+    fit_sequential_static_patch,
     fit_static_patch,
     measure_fidelity,
     without_segments,
@@ -234,13 +236,28 @@ class Consolidator:
         fit, held_out = patches[: count - held_count], patches[count - held_count :]
         log = self.log.bind(scope_key=scope_key, patches=count, held_out=held_count)
         log.info("consolidation_started")
-        static = fit_static_patch(
+        # At the query position the direct fit of the exact patches is the steering patch; the adapter,
+        # which acts at every position, is fitted layer by layer on the fit queries rebuilt without the memory.
+        steering = fit_static_patch(
             PatchSet(np.stack([p.delta for p in fit]), np.stack([p.a_tilde for p in fit]),
                      np.stack([p.bias_delta for p in fit])),
             rank=request.rank, ridge=request.ridge,
         )
+        fit_examples = self._examples(connection, fit)
+        static = (fit_sequential_static_patch(self.loaded.model, fit_examples, request.rank, request.ridge,
+                                              self.adapter) if fit_examples else steering)
+        log.info("adapter_fitted", fit_queries=len(fit_examples))
         examples = self._examples(connection, held_out)
-        fidelity = measure_fidelity(self.loaded.model, static, examples, self.adapter) if examples else None
+        fidelity = None
+        if examples:
+            at_query = measure_fidelity(self.loaded.model, steering, examples, self.adapter)
+            everywhere = measure_fidelity(self.loaded.model, static, examples, self.adapter)
+            fidelity = Fidelity(
+                examples=len(examples), kl_without=at_query.kl_without,
+                kl_adapter_query=at_query.kl_adapter_query, kl_adapter_all=everywhere.kl_adapter_all,
+                greedy_match_without=at_query.greedy_match_without, greedy_match_query=at_query.greedy_match_query,
+                greedy_match_all=everywhere.greedy_match_all,
+            )
 
         with translate_errors(self.url, f"numbering the next adapter of {scope_key}"):
             version = connection.execute(QUERIES["next_adapter_version"],

@@ -247,6 +247,91 @@ def measure_fidelity(model: PreTrainedModel, patch: StaticPatch, examples: Seque
     )
 
 
+# ---- the sequential fit, for every position ------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised after the recorded layer: nothing above it is needed."""
+
+
+class _RecordLayer(Tap):
+    """Records the last position's MLP input a and residual m at one layer, then stops the forward pass."""
+
+    def __init__(self, layer_idx: int, stop: bool):
+        self.layer_idx, self.stop = layer_idx, stop
+        self.a = self.m = None
+
+    def layer_output(self, layer_idx, hidden_states, state):
+        if layer_idx == self.layer_idx:
+            self.a = state["a"][0, -1].to(torch.float64).cpu().numpy()
+            self.m = (hidden_states[0, -1] - state["mlp_output"][0, -1]).to(torch.float64).cpu().numpy()
+            if self.stop:
+                raise _StopForward
+        return None
+
+
+def _record_layer(model, adapter, ids: list[int], layer_idx: int) -> tuple[np.ndarray, np.ndarray]:
+    tap = _RecordLayer(layer_idx, stop=True)
+    try:
+        with tapped(model, adapter, tap):
+            model(input_ids=torch.tensor([ids], device=model.device), past_key_values=DynamicCache())
+    except _StopForward:
+        pass
+    return tap.a, tap.m
+
+
+@torch.no_grad()
+def fit_sequential_static_patch(model: PreTrainedModel, examples: Sequence[FidelityExample], rank: int,
+                                ridge: float = RIDGE, adapter: ArchitectureAdapter | None = None) -> StaticPatch:
+    """A static patch for every position, fitted layer by layer on what the patched layers below produce.
+
+    Applied at every position, a patch fitted on exact per-query patches also moves the context's
+    keys and values, so each layer's query sees inputs the fit never saw. Here layer l is fitted on
+    the query's MLP input and residual in the run *without* the memories *with* layers < l already
+    patched at every position: delta = a - a', a~ = a', db = m - m' against the full run's a and m
+    (DESIGN.md §1, the way MEMIT spreads one edit over several layers). Costs one forward pass per
+    layer and example, each stopped after the layer it records.
+    """
+    adapter = adapter or adapter_for(model)
+    if not examples:
+        raise BadInputError("no examples to fit on")
+    num_layers = adapter.num_layers(model)
+    d_model = model.config.hidden_size
+    count = len(examples)
+    full = [_record_layer_all(model, adapter, example.with_ids) for example in examples]
+    kept = min(rank, count, d_model)
+    patch = StaticPatch(left=np.zeros((num_layers, d_model, kept)), right=np.zeros((num_layers, d_model, kept)),
+                        bias=np.zeros((num_layers, d_model)), ridge=ridge, patch_count=count)
+    for layer_idx in range(num_layers):
+        deltas, inputs, biases = [], [], []
+        with apply_static_patch(model, patch, everywhere=True, adapter=adapter):
+            for example, recorded in zip(examples, full, strict=True):
+                a_patched, m_patched = _record_layer(model, adapter, example.without_ids, layer_idx)
+                a_full, m_full = recorded[layer_idx]
+                deltas.append(a_full - a_patched)
+                inputs.append(a_patched)
+                biases.append(m_full - m_patched)
+        layer = fit_static_patch(PatchSet(np.stack(deltas)[:, None], np.stack(inputs)[:, None],
+                                          np.stack(biases)[:, None]), rank=rank, ridge=ridge)
+        patch.left[layer_idx, :, : layer.rank] = layer.left[0]
+        patch.right[layer_idx, :, : layer.rank] = layer.right[0]
+        patch.bias[layer_idx] = layer.bias[0]
+    return patch
+
+
+def _record_layer_all(model, adapter, ids: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(a, m) at the last position of every layer, from one forward pass."""
+    taps = [_RecordLayer(layer_idx, stop=False) for layer_idx in range(adapter.num_layers(model))]
+
+    class _All(Tap):
+        def layer_output(self, layer_idx, hidden_states, state):
+            return taps[layer_idx].layer_output(layer_idx, hidden_states, state)
+
+    with tapped(model, adapter, _All()):
+        model(input_ids=torch.tensor([ids], device=model.device), past_key_values=DynamicCache())
+    return [(tap.a, tap.m) for tap in taps]
+
+
 # ---- the PEFT LoRA adapter -------------------------------------------------------------------------
 
 

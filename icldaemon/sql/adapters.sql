@@ -1,6 +1,5 @@
 -- name: scope_groups --
--- Groups of one scope (memory, session or all) with at least min_patches patches of this model and revision
--- not yet used by an adapter of that group; optionally only the group scope_key.
+-- Groups of a scope (memory, session or all; or only scope_key) with min_patches unused patches of this model.
 WITH patches AS (
     SELECT memory_patches.run_id, memory_patches.memory_id,
            CASE %(scope)s WHEN 'memory' THEN 'memory:' || memory_patches.memory_id

@@ -13,9 +13,11 @@ from icldaemon.engine.consolidation import (
     PatchSet,
     apply_static_patch,
     export_lora,
+    FidelityExample,
+    fit_sequential_static_patch,
     fit_static_patch,
     measure_fidelity,
-    FidelityExample,
+    without_segments,
 )
 from icldaemon.engine.measure import measure
 from icldaemon.engine.prompt import Segment, SegmentedPrompt
@@ -128,6 +130,23 @@ def test_a_single_query_static_patch_reproduces_that_querys_exact_patch(family):
     assert fidelity.kl_adapter_query < 1e-9
     assert fidelity.recovered_query == pytest.approx(1.0, abs=1e-6)
     assert fidelity.greedy_match_query == 1.0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3"])
+def test_a_sequential_fit_on_one_query_reproduces_it_at_every_position(family):
+    model = tiny_model(family)
+    prompt = memory_prompt(seed=7)
+    example = FidelityExample(prompt.input_ids, without_segments(prompt, {"memory:1"}))
+    static = fit_sequential_static_patch(model, [example], rank=2, ridge=0.0)
+    with torch.no_grad():
+        full_logits = model(input_ids=torch.tensor([example.with_ids])).logits[0, -1]
+        without = torch.tensor([example.without_ids])
+        plain_logits = model(input_ids=without).logits[0, -1]
+        with apply_static_patch(model, static, everywhere=True):
+            patched_logits = model(input_ids=without).logits[0, -1]
+    assert (plain_logits - full_logits).abs().max() > 1e-3
+    assert (patched_logits - full_logits).abs().max() < 1e-4
+    assert static.rank == 1  # one query: rank 1 whatever was asked
 
 
 @pytest.mark.parametrize("family", EXPORTABLE)
