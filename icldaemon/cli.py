@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from icldaemon.exceptions import BadInputError, IcldaemonError
 from icldaemon.logs import configure_logging, get_logger
 from icldaemon.settings import Settings, load_settings
@@ -163,7 +165,8 @@ def cmd_consolidate(args, settings: Settings) -> int:
         scope=args.scope or ("memory" if args.memory_id is not None else
                              "session" if args.session_id is not None else defaults.scope),
         memory_id=args.memory_id, session_id=args.session_id,
-        rank=args.rank or defaults.rank, min_patches=args.min_patches or defaults.min_patches,
+        rank=defaults.rank if args.rank is None else args.rank,
+        min_patches=defaults.min_patches if args.min_patches is None else args.min_patches,
         ridge=defaults.ridge if args.ridge is None else args.ridge, held_out=defaults.held_out,
     )
     loaded = load_model(settings.model, models_dir=settings.models_dir, device=settings.device, dtype=settings.dtype)
@@ -319,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_format, settings.log_level)
     try:
         return args.handler(args, settings)
+    except ValidationError as exc:  # a setting read by a command (ICLD_POLL_INTERVAL, ICLD_CONSOLIDATE_RANK, ...)
+        print(f"icldaemon: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except IcldaemonError as exc:
         get_logger().error("command_failed", command=args.command, error=str(exc), error_type=type(exc).__name__)
         print(f"icldaemon: {exc}", file=sys.stderr)
