@@ -30,7 +30,7 @@ from icldaemon.exceptions import BadInputError, DatabaseError, NumericalError
 from icldaemon.logs import get_logger
 from icldaemon.sdnotify import Notifier
 from icldaemon.store import queue, writer
-from icldaemon.store.database import create_unpooled_engine_for
+from icldaemon.store.database import create_unpooled_engine_for, translate_errors
 from icldaemon.store.partitions import ensure_partitions
 from icldaemon.store.retention import drop_expired_partitions
 
@@ -175,8 +175,11 @@ class Worker:
         return "done"
 
     def _fail(self, connection, claim: queue.Claim, log, error: str, *, retry: bool) -> str:
-        if connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            connection.rollback()
+        # A connection lost with the server (a restart) cannot even roll back: the DatabaseError sends the
+        # worker to reconnect, and the prompt's lease expires and it is claimed again.
+        with translate_errors(queue.connection_url(connection), f"rolling back prompt {claim.prompt_id}"):
+            if connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                connection.rollback()
         status = queue.fail(connection, claim, error, retry=retry, max_attempts=self.max_attempts,
                             backoff_base_seconds=self.backoff_seconds) or "lost"
         log.warning("prompt_failed", status=status, error=error)
@@ -239,7 +242,7 @@ class Worker:
                             self.consolidate()
                             continue
                         self._wake.wait()
-            except DatabaseError as exc:
+            except (DatabaseError, psycopg.Error) as exc:
                 self.log.error("worker_database_error", error=str(exc))
                 self._stopping.wait(self.poll_interval)
 

@@ -58,6 +58,8 @@ def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
 def connection_url(connection: psycopg.Connection) -> str:
     """A password-free URL of where a connection points, for error messages."""
     info = connection.info
+    if info.host.startswith("/"):  # a Unix socket's directory (the embedded server) goes in the query
+        return f"postgresql://{info.user}@/{info.dbname}?host={info.host}&port={info.port}"
     return f"postgresql://{info.user}@{info.host}:{info.port}/{info.dbname}"
 
 

@@ -31,13 +31,17 @@ def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
     return fast
 
 
-def save_tiny_model(directory: Path, seed: int = 0) -> Path:
-    """Save a 2-layer, hidden-32 Llama and its tokenizer into `directory`; returns it."""
+def save_tiny_model(
+    directory: Path, seed: int = 0, *, num_hidden_layers: int = 2, hidden_size: int = 32,
+    max_positions: int = MAX_POSITIONS,
+) -> Path:
+    """Save a small random Llama (by default 2 layers, hidden 32) and its tokenizer into `directory`; returns it."""
     tokenizer = byte_tokenizer()
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=max_positions, bos_token_id=0, eos_token_id=1, pad_token_id=2,
     )
     model = transformers.LlamaForCausalLM(config).eval()
     directory.mkdir(parents=True, exist_ok=True)
