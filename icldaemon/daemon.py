@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
+import torch
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydantic import PositiveFloat
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -42,6 +44,7 @@ STOP_TIMEOUT = 30.0  # seconds the current job may take to finish after SIGTERM
 PARTITION_MAINTENANCE_HOURS = 24.0  # hours between partition maintenance runs
 LISTEN_TIMEOUT = 1.0  # seconds the listener waits before checking whether to stop
 MAIN_LOOP_TICK = 0.5  # seconds between the main thread's checks (stop, systemd status and watchdog)
+ABANDON_TIMEOUT = 5.0  # seconds a released job's thread gets to leave the model before the process exits anyway
 
 
 class DaemonSettings(BaseSettings):
@@ -60,6 +63,25 @@ class DaemonSettings(BaseSettings):
 
 def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _JobAbandoned(Exception):
+    """The daemon is stopping and has put the prompt back in the queue."""
+
+
+@contextlib.contextmanager
+def _abandonable(abandoned: threading.Event) -> Iterator[None]:
+    """While the model runs: once `abandoned` is set, its next module call raises _JobAbandoned."""
+
+    def check(module, args) -> None:
+        if abandoned.is_set():
+            raise _JobAbandoned()
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class _Heartbeat:
@@ -122,6 +144,7 @@ class Worker:
         self._wake = threading.Event()
         self._current: queue.Claim | None = None
         self._listening = threading.Event()
+        self._abandoned = threading.Event()
         # Consolidation runs the model, so it runs on the worker thread, between prompts.
         self.consolidation = consolidation
         self.adapters_dir = adapters_dir
@@ -151,7 +174,7 @@ class Worker:
                               f"{self.max_attempts}; the last one's lease expired", retry=False)
         try:
             prompt = self.assemble(connection, claim)
-            with _Heartbeat(self.url, claim, self.lease_seconds) as heartbeat:
+            with _Heartbeat(self.url, claim, self.lease_seconds) as heartbeat, _abandonable(self._abandoned):
                 measurement = measure(self.loaded.model, prompt, stride=self.stride, model_name=self.loaded.name)
             measurement.model["revision"] = self.loaded.revision
             if heartbeat.lost.is_set():
@@ -161,6 +184,9 @@ class Worker:
                 connection, claim, measurement,
                 writer.RunSource(claim.prompt_id, session_id=claim.session_id, stride=self.stride),
             )
+        except _JobAbandoned:
+            log.warning("prompt_abandoned")
+            return "released"
         except (BadInputError, NumericalError) as exc:
             return self._fail(connection, claim, log, f"prompt {claim.prompt_id}: {exc}", retry=False)
         except Exception as exc:  # noqa: BLE001 - any other failure is retried; the error text is kept
@@ -338,7 +364,15 @@ class Worker:
                 with queue.connect(self.url) as connection:
                     released = queue.release(connection, current)
                 self.log.warning("prompt_released", prompt_id=current.prompt_id, released=released)
+            if worker.is_alive():
+                # The interpreter cannot finalise under a thread that is inside torch (the process aborts):
+                # the released job leaves the model at its next module call.
+                self._abandoned.set()
+                worker.join(ABANDON_TIMEOUT)
             listener.join(LISTEN_TIMEOUT * 2)
         notifier.close()
         self.log.info("daemon_stopped")
+        if worker.is_alive():
+            sys.stderr.flush()
+            os._exit(0)  # still inside native code: exit without finalising, rather than abort
         return 0
