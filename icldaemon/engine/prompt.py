@@ -154,7 +154,9 @@ def build_prompt(
             else:
                 messages.insert(0, {"role": "system", "content": memory_block})
         rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        first_content = next(message["content"] for message in messages if message["content"])
+        first_content = next((message["content"] for message in messages if message["content"].strip()), None)
+        if first_content is None:
+            raise BadInputError(f"every one of the {len(messages)} messages is empty: there is nothing to measure")
         context_start = rendered.find(first_content)
         if context_start < 0:
             raise BadInputError("the chat template does not reproduce the first message's content")
