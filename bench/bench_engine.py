@@ -23,6 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 
 SAMPLED_PREFIXES = 6
+DEFAULT_TOKENS = (120, 512, 2048)
+LONG_TOKENS = 8192
+NAIVE_MAX_TOKENS = 2048  # the naive and brief columns above this length would take hours
 
 
 def _resident_kib(field: str) -> int:
@@ -109,10 +112,46 @@ def run_child(method: str, tokens: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def run(tokens=DEFAULT_TOKENS, long: bool = False) -> dict:
+    """Per context length: plain and engine seconds, naive and brief seconds (up to 2,048 tokens), peak memory."""
+    rows = []
+    for length in list(tokens) + ([LONG_TOKENS] if long else []):
+        timing = run_child("time", length)
+        plain_memory, engine_memory = run_child("memory-plain", length), run_child("memory-engine", length)
+        row = {"tokens": length, "plain_s": timing["plain"], "engine_s": timing["engine"],
+               "naive_s": None, "brief_s": None,
+               "plain_peak_mib": plain_memory["peak_mib"], "engine_peak_mib": engine_memory["peak_mib"],
+               "plain_growth_mib": plain_memory["growth_mib"], "engine_growth_mib": engine_memory["growth_mib"]}
+        if length <= NAIVE_MAX_TOKENS:
+            row["naive_s"] = run_child("naive", length)["seconds"]
+            row["brief_s"] = run_child("brief", length)["seconds"]
+        rows.append(row)
+    return {"model": "bundled SmolLM2-135M-Instruct, float32, CPU", "rows": rows}
+
+
+def print_report(result: dict) -> None:
+    print(f"{'tokens':>7} {'plain s':>8} {'engine s':>9} {'engine/plain':>13} {'naive/plain':>12} "
+          f"{'brief/plain':>12} {'plain peak MiB':>15} {'engine peak MiB':>16} {'peak ratio':>11} "
+          f"{'growth MiB plain/engine':>24}")
+    for row in result["rows"]:
+        plain = row["plain_s"]
+        naive_ratio = float("nan") if row["naive_s"] is None else row["naive_s"] / plain
+        brief_ratio = float("nan") if row["brief_s"] is None else row["brief_s"] / plain
+        growth = f"{row['plain_growth_mib']:.0f} / {row['engine_growth_mib']:.0f}"
+        print(f"{row['tokens']:>7} {plain:>8.3f} {row['engine_s']:>9.3f} {row['engine_s'] / plain:>12.2f}x "
+              f"{naive_ratio:>11.0f}x {brief_ratio:>11.0f}x {row['plain_peak_mib']:>15.0f} "
+              f"{row['engine_peak_mib']:>16.0f} {row['engine_peak_mib'] / row['plain_peak_mib']:>10.2f}x "
+              f"{growth:>24}", flush=True)
+    print(f"engine: every prefix, every layer, with the exactness check; plain: one forward pass of the same prompt, "
+          f"fastest of 2 (1 above 2,048 tokens), alternated in one process; naive and brief: timed on "
+          f"{SAMPLED_PREFIXES} sampled prefixes, fitted linearly, summed over all prefixes; peak: the process's "
+          f"resident peak, model included, each in a fresh process; growth: over the loaded model")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, nargs="*", default=[120, 512, 2048])
-    parser.add_argument("--long", action="store_true", help="also 8,192 tokens (engine and plain only)")
+    parser.add_argument("--tokens", type=int, nargs="*", default=list(DEFAULT_TOKENS))
+    parser.add_argument("--long", action="store_true", help=f"also {LONG_TOKENS:,} tokens (engine and plain only)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -120,28 +159,7 @@ def main() -> None:
         return
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}; "
           "model: bundled SmolLM2-135M-Instruct, float32, CPU")
-    print(f"{'tokens':>7} {'plain s':>8} {'engine s':>9} {'engine/plain':>13} {'naive/plain':>12} "
-          f"{'brief/plain':>12} {'plain peak MiB':>15} {'engine peak MiB':>16} {'peak ratio':>11} "
-          f"{'growth MiB plain/engine':>24}")
-    lengths = list(args.tokens) + ([8192] if args.long else [])
-    for tokens in lengths:
-        timing = run_child("time", tokens)
-        plain_memory, engine_memory = run_child("memory-plain", tokens), run_child("memory-engine", tokens)
-        plain = timing["plain"]
-        if tokens <= 2048:
-            naive_ratio = run_child("naive", tokens)["seconds"] / plain
-            brief_ratio = run_child("brief", tokens)["seconds"] / plain
-        else:
-            naive_ratio = brief_ratio = float("nan")
-        growth = f"{plain_memory['growth_mib']:.0f} / {engine_memory['growth_mib']:.0f}"
-        print(f"{tokens:>7} {plain:>8.3f} {timing['engine']:>9.3f} {timing['engine'] / plain:>12.2f}x "
-              f"{naive_ratio:>11.0f}x {brief_ratio:>11.0f}x {plain_memory['peak_mib']:>15.0f} "
-              f"{engine_memory['peak_mib']:>16.0f} {engine_memory['peak_mib'] / plain_memory['peak_mib']:>10.2f}x "
-              f"{growth:>24}", flush=True)
-    print(f"engine: every prefix, every layer, with the exactness check; plain: one forward pass of the same prompt, "
-          f"fastest of 2 (1 above 2,048 tokens), alternated in one process; naive and brief: timed on "
-          f"{SAMPLED_PREFIXES} sampled prefixes, fitted linearly, summed over all prefixes; peak: the process's "
-          f"resident peak, model included, each in a fresh process; growth: over the loaded model")
+    print_report(run(args.tokens, args.long))
 
 
 if __name__ == "__main__":

@@ -102,16 +102,10 @@ def bench_psql(url: str, csv_path: Path) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=30)
-    parser.add_argument("--tokens", type=int, default=4000)
-    parser.add_argument("--executemany-rows", type=int, default=30_000, help="executemany is slow: a prefix")
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
+def run(layers: int = 30, tokens: int = 4000, executemany_rows: int = 30_000, repeat: int = 3) -> dict:
+    """Median rows/s of each method over `repeat` rounds, on a fresh database dropped afterwards."""
     if shutil.which("psql") is None:
         raise SystemExit("psql is not on PATH")
-
     server = os.environ.get("ICLD_BENCH_DATABASE_URL", DEFAULT_SERVER_URL)
     database = f"icld_bench_{os.getpid()}"
     url = make_url(server).set(database=database).render_as_string(hide_password=False)
@@ -119,8 +113,8 @@ def main() -> None:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
     try:
         migrate.upgrade(url)
-        dynamics, tokens, run = synthetic(args.layers, args.tokens)
-        rows = rows_of(dynamics, tokens, run)
+        dynamics, token_infos, run_values = synthetic(layers, tokens)
+        rows = rows_of(dynamics, token_infos, run_values)
         total = len(rows)
         with tempfile.TemporaryDirectory() as directory:
             csv_path = Path(directory) / "rows.csv"
@@ -128,9 +122,9 @@ def main() -> None:
                 csv.writer(handle).writerows(["" if value is None else value for value in row] for row in rows)
             results: dict[str, list[float]] = {"copy": [], "copy payload": [], "executemany": [], "psql \\copy": []}
             with psycopg.connect(url) as connection:
-                for _ in range(args.repeat):
+                for _ in range(repeat):
                     truncate(connection)
-                    seconds, payload_seconds = bench_copy(connection, dynamics, tokens, run)
+                    seconds, payload_seconds = bench_copy(connection, dynamics, token_infos, run_values)
                     assert count(connection) == total
                     results["copy"].append(total / seconds)
                     results["copy payload"].append(total / payload_seconds)
@@ -138,17 +132,22 @@ def main() -> None:
                     results["psql \\copy"].append(total / bench_psql(url, csv_path))
                     assert count(connection) == total
                     truncate(connection)
-                    subset = rows[: args.executemany_rows]
+                    subset = rows[:executemany_rows]
                     results["executemany"].append(len(subset) / bench_executemany(connection, subset))
                     assert count(connection) == len(subset)
                 truncate(connection)
     finally:
         with psycopg.connect(server, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
+    return {"layers": layers, "tokens": tokens, "rows": total, "executemany_rows": min(executemany_rows, total),
+            "repeat": repeat, "rows_per_second": {method: statistics.median(rates) for method, rates in results.items()}}
 
-    copy_rate = statistics.median(results["copy"])
-    print(f"icl_dynamics_log, {args.layers} layers x {args.tokens} tokens = {total:,} rows "
-          f"(executemany: first {min(args.executemany_rows, total):,}), median of {args.repeat}")
+
+def print_report(result: dict) -> None:
+    rates = result["rows_per_second"]
+    copy_rate = rates["copy"]
+    print(f"icl_dynamics_log, {result['layers']} layers x {result['tokens']} tokens = {result['rows']:,} rows "
+          f"(executemany: first {result['executemany_rows']:,}), median of {result['repeat']}")
     print(f"{'method':<34} {'rows/s':>12} {'copy / method':>14}")
     labels = {
         "copy": "writer: binary COPY (build + send)",
@@ -157,10 +156,19 @@ def main() -> None:
         "executemany": "psycopg executemany INSERT",
     }
     for method, label in labels.items():
-        rate = statistics.median(results[method])
-        print(f"{label:<34} {rate:>12,.0f} {copy_rate / rate:>13.2f}x")
+        print(f"{label:<34} {rates[method]:>12,.0f} {copy_rate / rates[method]:>13.2f}x")
     verdict = "meets" if copy_rate >= TARGET_ROWS_PER_SECOND else "misses"
     print(f"writer COPY {verdict} the target of {TARGET_ROWS_PER_SECOND:,} rows/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--tokens", type=int, default=4000)
+    parser.add_argument("--executemany-rows", type=int, default=30_000, help="executemany is slow: a prefix")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    print_report(run(args.layers, args.tokens, args.executemany_rows, args.repeat))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ DAEMONS_PER_ROUND = 2
 NUM_LAYERS = 6
 PROMPTS = 60
 LEASE_SECONDS = 3.0  # seconds: a killed daemon's prompt is claimed again soon after
+SETTLE_SECONDS = 0.3  # seconds for the server to finish what a killed client had already sent (a COMMIT)
 JOB_SECONDS = 0.25  # seconds, roughly, one of these prompts takes here; kills are spread over a few jobs
 
 
@@ -63,6 +64,7 @@ def test_sigkill_mid_job_loses_and_duplicates_nothing(database_url, model_dir, t
                 daemon.wait_for("prompt_claimed", STARTUP_TIMEOUT, count=rng.randint(1, 3))
                 time.sleep(rng.uniform(0.0, JOB_SECONDS))
                 daemon.kill()
+                time.sleep(SETTLE_SECONDS)
                 killed_mid_job += len(held_by(database_url, daemon.worker_id))
                 lost += len(daemon.events("prompt_lost"))
         finally:

@@ -106,6 +106,7 @@ def test_daemons_reconnect_after_restarts_and_lose_nothing(private_server, tiny_
     assert return_codes == [0, 0], [daemon.output() for daemon in daemons]
     assert_each_measured_exactly_once(url, prompts, num_layers=2)
     for index, daemon in enumerate(daemons):
-        # each daemon lost its connections three times, listened again each time, and measured after the last
+        # each daemon lost its connections three times and listened again each time; each measured prompts
+        # between the crash and the idle restart (after it, one daemon alone may take all 30)
         assert len(daemon.events("listening")) >= 4, daemon.output()
-        assert len(daemon.events("run_measured")) > measured_before_restart[-1][index], daemon.output()
+        assert measured_before_restart[2][index] > measured_before_restart[1][index], measured_before_restart

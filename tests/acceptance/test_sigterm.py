@@ -13,6 +13,7 @@ NUM_LAYERS = 12
 LONG_PROMPT = RawPrompt("the cat sat on the mat. " * 166)
 SHORT_STOP_TIMEOUT = 0.5  # seconds
 LONG_STOP_TIMEOUT = 120.0  # seconds
+SHUTDOWN_SECONDS = 10.0  # seconds a stopping daemon may take beyond its stop timeout, interpreter exit included
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,8 @@ def test_a_job_longer_than_the_stop_timeout_is_released_and_one_within_it_finish
         "run_measured", "daemon_stopped"]
     assert not finished.events("prompt_released")
     assert_each_measured_exactly_once(database_url, prompts, NUM_LAYERS)
-    measure_seconds = finished.events("run_measured")[0]["measure_seconds"]
-    # the first daemon did not wait for the job: it left well before the job could have ended
-    assert seconds < measure_seconds, (seconds, measure_seconds)
-    assert seconds_finishing >= measure_seconds * 0.5, (seconds_finishing, measure_seconds)
+    # the job takes longer than the short stop timeout, and the first daemon left within that timeout and
+    # the shutdown's own bounded steps (the listener's next check, the released job leaving the model)
+    assert finished.events("run_measured")[0]["measure_seconds"] > SHORT_STOP_TIMEOUT * 2
+    assert seconds < SHORT_STOP_TIMEOUT + SHUTDOWN_SECONDS, seconds
+    assert seconds_finishing < LONG_STOP_TIMEOUT

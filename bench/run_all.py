@@ -1,0 +1,191 @@
+"""Every benchmark in one run, side by side on one machine, and one table of what they measured.
+
+    .venv/bin/python bench/run_all.py [--quick] [--skip engine,writer,end-to-end,consolidation]
+
+The engine against one plain forward pass, the naive loop and the original brief's method
+(bench_engine.py); the writer's binary COPY against executemany and psql's \\copy (bench_writer.py);
+what the database and the queue add to the engine's time (bench_end_to_end.py); consolidation
+fidelity against the number of calibration queries K (bench_consolidation.py, when present). Each
+section prints its own report as it finishes; the summary comes last, headed by the machine: CPU,
+cores, memory, torch, and the load average before and after, since timings taken while other work
+shares the CPU are noisy (ratios measured within one section suffer less than absolute times).
+`--quick` uses short prompts and few rows (a few minutes); the full run takes about 25 minutes.
+Databases are made on ICLD_BENCH_DATABASE_URL's server (default postgresql://postgres@127.0.0.1:5432/postgres)
+and dropped afterwards.
+"""
+
+import argparse
+import importlib
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SECTIONS = ("engine", "writer", "end-to-end", "consolidation")
+QUICK = {
+    "engine": {"tokens": (120, 512)},
+    "writer": {"layers": 30, "tokens": 1000, "executemany_rows": 5000, "repeat": 1},
+    "end-to-end": {"rounds": 1},
+    "consolidation": {"facts": 1},
+}
+FULL = {
+    "engine": {"tokens": (120, 512, 2048), "long": True},
+    "writer": {"layers": 30, "tokens": 4000, "executemany_rows": 30_000, "repeat": 3},
+    "end-to-end": {"rounds": 2},
+    "consolidation": {},
+}
+MODULES = {"engine": "bench_engine", "writer": "bench_writer", "end-to-end": "bench_end_to_end",
+           "consolidation": "bench_consolidation"}
+NOT_AVAILABLE = "not available"
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory_gib = float("nan")
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory_gib = int(line.split()[1]) / 2**20
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": memory_gib, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version(), "system": platform.platform()}
+
+
+def load_average() -> str:
+    return " / ".join(f"{value:.1f}" for value in os.getloadavg())
+
+
+def run_section(name: str, options: dict) -> tuple[dict | None, str | None, float]:
+    """The section's result, or None with the reason it has none; and its seconds."""
+    started = time.perf_counter()
+    try:
+        module = importlib.import_module(MODULES[name])
+    except ModuleNotFoundError as exc:
+        if exc.name == MODULES[name]:
+            return None, NOT_AVAILABLE, 0.0
+        raise
+    print(f"\n=== {name} ({MODULES[name]}.py) {options}", flush=True)
+    try:
+        result = module.run(**options)
+        module.print_report(result)
+    except Exception as exc:  # noqa: BLE001 - one failing benchmark must not hide the others' figures
+        traceback.print_exc()
+        return None, f"failed: {type(exc).__name__}: {exc}", time.perf_counter() - started
+    return result, None, time.perf_counter() - started
+
+
+def summary_rows(results: dict[str, dict | None], reasons: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(benchmark, figure, what it compares) for the summary table."""
+    rows: list[tuple[str, str, str]] = []
+
+    def missing(name: str, label: str) -> None:
+        rows.append((label, reasons.get(name, "skipped"), ""))
+
+    engine = results.get("engine")
+    if engine is None:
+        missing("engine", "engine vs plain forward")
+    else:
+        for row in engine["rows"]:
+            tokens, plain = row["tokens"], row["plain_s"]
+            rows.append((f"engine / plain forward, {tokens:,} tokens", f"{row['engine_s'] / plain:.2f}x",
+                         f"{row['engine_s']:.3f} s vs {plain:.3f} s, every prefix and layer"))
+            if row["naive_s"] is not None:
+                rows.append((f"naive loop / plain forward, {tokens:,} tokens", f"{row['naive_s'] / plain:.0f}x",
+                             f"engine is {row['naive_s'] / row['engine_s']:.0f}x faster"))
+                rows.append((f"brief's method / plain forward, {tokens:,} tokens", f"{row['brief_s'] / plain:.0f}x",
+                             f"engine is {row['brief_s'] / row['engine_s']:.0f}x faster"))
+            rows.append((f"engine / plain peak memory, {tokens:,} tokens",
+                         f"{row['engine_peak_mib'] / row['plain_peak_mib']:.2f}x",
+                         f"{row['engine_peak_mib']:.0f} vs {row['plain_peak_mib']:.0f} MiB resident, model included"))
+    writer = results.get("writer")
+    if writer is None:
+        missing("writer", "writer COPY vs executemany vs psql")
+    else:
+        rates = writer["rows_per_second"]
+        rows.append(("writer binary COPY, rows/s", f"{rates['copy']:,.0f}",
+                     f"{writer['rows']:,} rows into icl_dynamics_log"))
+        rows.append(("COPY / executemany", f"{rates['copy'] / rates['executemany']:.1f}x",
+                     f"executemany {rates['executemany']:,.0f} rows/s"))
+        psql = rates["psql \\copy"]
+        rows.append(("COPY / psql \\copy of a CSV", f"{rates['copy'] / psql:.2f}x",
+                     f"psql {psql:,.0f} rows/s, process start included"))
+    end_to_end = results.get("end-to-end")
+    if end_to_end is None:
+        missing("end-to-end", "service / engine alone")
+    else:
+        engine_alone = min(end_to_end["engine_before_s"], end_to_end["engine_after_s"])
+        rows.append(("service / engine alone, demo prompts", f"{1 + end_to_end['overhead']:.2f}x",
+                     f"{end_to_end['prompts']} prompts, {end_to_end['service_s']:.1f} s vs {engine_alone:.1f} s; "
+                     f"engine passes differ by "
+                     f"{max(end_to_end['engine_before_s'], end_to_end['engine_after_s']) / engine_alone - 1:.0%}"))
+    consolidation = results.get("consolidation")
+    if consolidation is None:
+        missing("consolidation", "consolidation fidelity vs K")
+    else:
+        table = consolidation["table"]
+        sizes = [key for key in table if isinstance(key, int)]
+        for size in (sizes[0], sizes[-1]):
+            row = table[size]
+            lora = "-" if row["recovered_sequential"] is None else f"{row['recovered_sequential']:.0%}"
+            rows.append((f"consolidation recovered, K={size}", f"{row['recovered_query']:.0%} / {lora}",
+                         "held-out queries: at the query position / LoRA at every position"))
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short prompts, few rows: a few minutes")
+    parser.add_argument("--skip", default="", help=f"comma-separated sections to leave out: {', '.join(SECTIONS)}")
+    args = parser.parse_args()
+    skipped = {name.strip() for name in args.skip.split(",") if name.strip()}
+    if skipped - set(SECTIONS):
+        parser.error(f"unknown sections {sorted(skipped - set(SECTIONS))}; choose from {', '.join(SECTIONS)}")
+
+    from icldaemon.logs import configure_logging
+
+    configure_logging(log_format="console", log_level="warning")
+    about = machine()
+    load_before = load_average()
+    options = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    results: dict[str, dict | None] = {}
+    reasons: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    for name in SECTIONS:
+        if name in skipped:
+            reasons[name] = "skipped"
+            continue
+        results[name], reason, seconds[name] = run_section(name, options[name])
+        if reason is not None:
+            reasons[name] = reason
+
+    print(f"\n=== summary ({'quick' if args.quick else 'full'} run, {time.perf_counter() - started:.0f} s: "
+          + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items()) + ")")
+    print(f"machine: {about['cpu']}, {about['cores']} cores, {about['memory_gib']:.0f} GiB; torch {about['torch']} "
+          f"({about['threads']} threads), Python {about['python']}, {about['system']}")
+    print(f"load average (1/5/15 min) before: {load_before}, after: {load_average()}; above about "
+          f"{about['cores']} the CPU was shared with other work and timings are noisy")
+    rows = summary_rows(results, reasons)
+    width = max(len(label) for label, _, _ in rows)
+    figure_width = max(len(figure) for _, figure, _ in rows)
+    print(f"{'benchmark':<{width}}  {'figure':>{figure_width}}  notes")
+    for label, figure, note in rows:
+        print(f"{label:<{width}}  {figure:>{figure_width}}  {note}")
+    failed = [name for name, reason in reasons.items() if reason.startswith("failed")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
