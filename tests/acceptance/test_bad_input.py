@@ -164,6 +164,9 @@ def test_the_daemon_fails_each_bad_prompt_by_name_and_measures_the_good_ones(dat
             "a memory making it too long": (
                 insert_raw(connection, text="Hello there", memory_ids=[long_memory]),
                 f"the prompt has {too_long_memory.context_tokens + 2} tokens; the model's context is {MAX_POSITIONS}"),
+            "a chat of empty messages": (
+                insert_raw(connection, messages=[{"role": "system", "content": ""}, {"role": "user", "content": ""}]),
+                "every one of the 2 messages is empty: there is nothing to measure"),
             "empty text": (insert_raw(connection, text=""), "the prompt text is empty"),
             "blank text": (insert_raw(connection, text="  \n\t "), "the prompt text is empty"),
             "no context tokens": (insert_raw(connection, text="x"),
