@@ -77,6 +77,7 @@ def test_sigkill_mid_job_loses_and_duplicates_nothing(database_url, model_dir, t
         return_code = last.terminate()
     finally:
         last.close()
+    lost += len(last.events("prompt_lost"))
 
     assert return_code == 0, last.output()
     attempts = assert_each_measured_exactly_once(database_url, prompts, NUM_LAYERS)
