@@ -27,6 +27,18 @@ def _read_json(path: str, what: str):
         raise BadInputError(f"{what} file {path} is not valid JSON: {exc}") from exc
 
 
+def _read_prompt_source(args) -> dict:
+    """{"text": ...} from --text-file or {"messages": ...} from --messages-file."""
+    if not args.text_file:
+        return {"messages": _read_json(args.messages_file, "messages")}
+    try:
+        return {"text": Path(args.text_file).read_text(encoding="utf-8")}
+    except FileNotFoundError:
+        raise BadInputError(f"text file {args.text_file} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"text file {args.text_file} is not valid UTF-8: {exc}") from exc
+
+
 def _read_memories(path: str | None):
     from icldaemon.engine.prompt import Memory
 
@@ -49,15 +61,7 @@ def cmd_measure(args, settings: Settings) -> int:
     from icldaemon.engine.prompt import build_prompt
     from icldaemon.report import summary_lines
 
-    if args.text_file:
-        try:
-            prompt_source = {"text": Path(args.text_file).read_text(encoding="utf-8")}
-        except FileNotFoundError:
-            raise BadInputError(f"text file {args.text_file} does not exist") from None
-        except UnicodeDecodeError as exc:
-            raise BadInputError(f"text file {args.text_file} is not valid UTF-8: {exc}") from exc
-    else:
-        prompt_source = {"messages": _read_json(args.messages_file, "messages")}
+    prompt_source = _read_prompt_source(args)
     memories = _read_memories(args.memories_file)
     loaded = load_model(args.model or settings.model, models_dir=settings.models_dir, device=settings.device,
                         dtype=settings.dtype)
@@ -122,15 +126,7 @@ def cmd_submit(args, settings: Settings) -> int:
     from icldaemon.store import queue
     from icldaemon.store.database import database_url
 
-    if args.text_file:
-        try:
-            source = {"text": Path(args.text_file).read_text(encoding="utf-8")}
-        except FileNotFoundError:
-            raise BadInputError(f"text file {args.text_file} does not exist") from None
-        except UnicodeDecodeError as exc:
-            raise BadInputError(f"text file {args.text_file} is not valid UTF-8: {exc}") from exc
-    else:
-        source = {"messages": _read_json(args.messages_file, "messages")}
+    source = _read_prompt_source(args)
     with database_url(settings) as url, queue.connect(url) as connection:
         prompt_id = queue.submit(connection, memory_ids=args.memory_ids, session_id=args.session_id,
                                  priority=args.priority, **source)

@@ -26,6 +26,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from icldaemon.engine.adapters import ArchitectureAdapter, adapter_for, dense_without_bias
 from icldaemon.engine.hooks import Tap, tapped
+from icldaemon.engine.measure import _kl, _RecordQuery
 from icldaemon.engine.prompt import SegmentedPrompt
 from icldaemon.exceptions import BadInputError, NumericalError, UnsupportedArchitectureError
 
@@ -213,10 +214,6 @@ def _last_log_probs(model: PreTrainedModel, ids: list[int], positions: list[int]
     return torch.log_softmax(logits.to(torch.float64), dim=-1)
 
 
-def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
-    return max(float((log_p.exp() * (log_p - log_q)).sum()), 0.0)
-
-
 @torch.no_grad()
 def measure_fidelity(model: PreTrainedModel, patch: StaticPatch, examples: Sequence[FidelityExample],
                      adapter: ArchitectureAdapter | None = None) -> Fidelity:
@@ -234,7 +231,7 @@ def measure_fidelity(model: PreTrainedModel, patch: StaticPatch, examples: Seque
             with apply_static_patch(model, patch, everywhere=everywhere, adapter=adapter):
                 runs[mode] = _last_log_probs(model, *without)
         for mode, log_probs in runs.items():
-            kl[mode].append(_kl(full, log_probs))
+            kl[mode].append(max(_kl(full, log_probs), 0.0))
             match[mode].append(float(log_probs.argmax() == full.argmax()))
     return Fidelity(
         examples=len(examples),
@@ -257,21 +254,20 @@ class _StopForward(Exception):
 class _RecordLayer(Tap):
     """Records the last position's MLP input a and residual m at one layer, then stops the forward pass."""
 
-    def __init__(self, layer_idx: int, stop: bool):
-        self.layer_idx, self.stop = layer_idx, stop
+    def __init__(self, layer_idx: int):
+        self.layer_idx = layer_idx
         self.a = self.m = None
 
     def layer_output(self, layer_idx, hidden_states, state):
         if layer_idx == self.layer_idx:
             self.a = state["a"][0, -1].to(torch.float64).cpu().numpy()
             self.m = (hidden_states[0, -1] - state["mlp_output"][0, -1]).to(torch.float64).cpu().numpy()
-            if self.stop:
-                raise _StopForward
+            raise _StopForward
         return None
 
 
 def _record_layer(model, adapter, ids: list[int], layer_idx: int) -> tuple[np.ndarray, np.ndarray]:
-    tap = _RecordLayer(layer_idx, stop=True)
+    tap = _RecordLayer(layer_idx)
     try:
         with tapped(model, adapter, tap):
             model(input_ids=torch.tensor([ids], device=model.device), past_key_values=DynamicCache())
@@ -298,7 +294,13 @@ def fit_sequential_static_patch(model: PreTrainedModel, examples: Sequence[Fidel
     num_layers = adapter.num_layers(model)
     d_model = model.config.hidden_size
     count = len(examples)
-    full = [_record_layer_all(model, adapter, example.with_ids) for example in examples]
+    full = []  # per example: the full run's (a, m) at the query, per layer
+    for example in examples:
+        recorded = _RecordQuery()
+        with tapped(model, adapter, recorded):
+            model(input_ids=torch.tensor([example.with_ids], device=model.device), past_key_values=DynamicCache())
+        full.append([(recorded.a[layer_idx].to(torch.float64).cpu().numpy(),
+                      recorded.m[layer_idx].to(torch.float64).cpu().numpy()) for layer_idx in range(num_layers)])
     kept = min(rank, count, d_model)
     patch = StaticPatch(left=np.zeros((num_layers, d_model, kept)), right=np.zeros((num_layers, d_model, kept)),
                         bias=np.zeros((num_layers, d_model)), ridge=ridge, patch_count=count)
@@ -317,19 +319,6 @@ def fit_sequential_static_patch(model: PreTrainedModel, examples: Sequence[Fidel
         patch.right[layer_idx, :, : layer.rank] = layer.right[0]
         patch.bias[layer_idx] = layer.bias[0]
     return patch
-
-
-def _record_layer_all(model, adapter, ids: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(a, m) at the last position of every layer, from one forward pass."""
-    taps = [_RecordLayer(layer_idx, stop=False) for layer_idx in range(adapter.num_layers(model))]
-
-    class _All(Tap):
-        def layer_output(self, layer_idx, hidden_states, state):
-            return taps[layer_idx].layer_output(layer_idx, hidden_states, state)
-
-    with tapped(model, adapter, _All()):
-        model(input_ids=torch.tensor([ids], device=model.device), past_key_values=DynamicCache())
-    return [(tap.a, tap.m) for tap in taps]
 
 
 # ---- the PEFT LoRA adapter -------------------------------------------------------------------------
