@@ -73,7 +73,7 @@ def child(method: str, tokens: int) -> dict:
         model(ids[:, :32], logits_to_keep=1)  # warm-up
         if method == "time":
             # alternated in one process, the fastest of each: the ratio survives a busy machine better
-            rounds = 1 if tokens > 2048 else 2
+            rounds = 1 if tokens > 2048 else 3
             timings = {"plain": [], "engine": []}
             for _ in range(rounds):
                 for name, run in (("plain", plain), ("engine", engine)):
@@ -143,7 +143,7 @@ def print_report(result: dict) -> None:
               f"{row['engine_peak_mib']:>16.0f} {row['engine_peak_mib'] / row['plain_peak_mib']:>10.2f}x "
               f"{growth:>24}", flush=True)
     print(f"engine: every prefix, every layer, with the exactness check; plain: one forward pass of the same prompt, "
-          f"fastest of 2 (1 above 2,048 tokens), alternated in one process; naive and brief: timed on "
+          f"fastest of 3 (1 above 2,048 tokens), alternated in one process; naive and brief: timed on "
           f"{SAMPLED_PREFIXES} sampled prefixes, fitted linearly, summed over all prefixes; peak: the process's "
           f"resident peak, model included, each in a fresh process; growth: over the loaded model")
 

@@ -3,7 +3,9 @@
 `Worker.run_once()` drains the queue and returns. `Worker.run_forever()` keeps going: a LISTEN on
 icl_prompts wakes it as soon as a prompt is committed, an APScheduler job polls as a fallback and
 another keeps the log's monthly partitions ahead; SIGTERM or SIGINT stops claiming, lets the current
-job finish within the stop timeout (else puts it back in the queue) and returns 0.
+job finish within the stop timeout (else puts it back in the queue) and returns 0. A lost database
+connection is reopened; any other fault of the worker thread ends `run_forever` with 1, for the
+supervisor to restart the process.
 """
 
 import contextlib
@@ -85,25 +87,46 @@ def _abandonable(abandoned: threading.Event) -> Iterator[None]:
 
 
 class _Heartbeat:
-    """Renews a claim's lease on its own connection while the model runs."""
+    """Renews a claim's lease on its own connection while the model runs.
+
+    A failed renewal (the server restarting, the connection cut) is retried on a new connection at
+    the next beat, so a long job keeps its lease across a database outage shorter than the lease; the
+    lease is only lost when the prompt no longer belongs to this worker.
+    """
 
     def __init__(self, url: str, claim: queue.Claim, lease_seconds: float):
         self.url, self.claim, self.lease_seconds = url, claim, lease_seconds
         self.lost = threading.Event()
+        self.renewals = 0
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{claim.prompt_id}", daemon=True)
 
     def _run(self) -> None:
         log = get_logger(prompt_id=self.claim.prompt_id, worker_id=self.claim.worker_id)
+        connection: psycopg.Connection | None = None
+        failing = False
         try:
-            with queue.connect(self.url) as connection:
-                while not self._done.wait(self.lease_seconds / 3):
-                    if not queue.renew_lease(connection, self.claim, self.lease_seconds):
-                        self.lost.set()
-                        log.warning("lease_lost")
-                        return
-        except DatabaseError as exc:
-            log.warning("lease_renewal_failed", error=str(exc))
+            while not self._done.wait(self.lease_seconds / 3):
+                try:
+                    if connection is None:
+                        connection = queue.connect(self.url)
+                    held = queue.renew_lease(connection, self.claim, self.lease_seconds)
+                except DatabaseError as exc:
+                    if not failing:
+                        log.warning("lease_renewal_failed", error=str(exc))
+                    failing = True
+                    connection = _close_quietly(connection)
+                    continue
+                if failing:
+                    log.info("lease_renewal_resumed")
+                    failing = False
+                if not held:
+                    self.lost.set()
+                    log.warning("lease_lost")
+                    return
+                self.renewals += 1
+        finally:
+            _close_quietly(connection)
 
     def __enter__(self) -> "_Heartbeat":
         self._thread.start()
@@ -112,6 +135,14 @@ class _Heartbeat:
     def __exit__(self, *exc_info) -> None:
         self._done.set()
         self._thread.join()
+
+
+def _close_quietly(connection: psycopg.Connection | None) -> None:
+    """Close a connection that may already be broken; returns None for the caller's variable."""
+    if connection is not None:
+        with contextlib.suppress(psycopg.Error):
+            connection.close()
+    return None
 
 
 class Worker:
@@ -149,6 +180,7 @@ class Worker:
         self.consolidation = consolidation
         self.adapters_dir = adapters_dir
         self._consolidation_due = threading.Event()
+        self._failure: Exception | None = None  # what killed the worker thread, if anything did
 
     @classmethod
     def from_settings(cls, url: str, loaded: LoadedModel, settings: DaemonSettings | None = None, **options):
@@ -271,6 +303,13 @@ class Worker:
             except (DatabaseError, psycopg.Error) as exc:
                 self.log.error("worker_database_error", error=str(exc))
                 self._stopping.wait(self.poll_interval)
+            except Exception as exc:  # noqa: BLE001 - a fault outside any job: stop with a failing exit code
+                # Not retried in-process: the state that raised is unknown. The process exits 1 so that a
+                # supervisor (systemd's Restart=on-failure) starts a fresh one; a prompt this thread held
+                # goes back to the queue when its lease expires.
+                self._failure = exc
+                self.log.error("worker_failed", error=str(exc), error_type=type(exc).__name__, exc_info=True)
+                return
 
     def consolidate(self) -> None:
         """One scheduled consolidation of every due group; a failing group is logged and skipped."""
@@ -329,7 +368,7 @@ class Worker:
         return f"measuring prompt {current.prompt_id}" if current is not None else "waiting for prompts"
 
     def run_forever(self) -> int:
-        """Serve until SIGTERM/SIGINT (or stop()); returns the exit code, 0."""
+        """Serve until SIGTERM/SIGINT (or stop()); returns the exit code: 0, or 1 if the worker thread failed."""
         self.log.info("daemon_started", poll_interval=self.poll_interval, lease_seconds=self.lease_seconds)
         scheduler = BackgroundScheduler(timezone="UTC")
         scheduler.add_job(self._wake.set, "interval", seconds=self.poll_interval, id="poll")
@@ -371,8 +410,9 @@ class Worker:
                 worker.join(ABANDON_TIMEOUT)
             listener.join(LISTEN_TIMEOUT * 2)
         notifier.close()
-        self.log.info("daemon_stopped")
+        exit_code = 1 if self._failure is not None else 0
+        self.log.info("daemon_stopped", exit_code=exit_code)
         if worker.is_alive():
             sys.stderr.flush()
-            os._exit(0)  # still inside native code: exit without finalising, rather than abort
-        return 0
+            os._exit(exit_code)  # still inside native code: exit without finalising, rather than abort
+        return exit_code

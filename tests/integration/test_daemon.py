@@ -104,3 +104,56 @@ def test_a_failed_job_is_retried_and_the_error_kept(database_url, tiny, monkeypa
     with psycopg.connect(database_url) as connection:
         assert connection.execute("SELECT status, attempts, last_error FROM prompts").fetchone() == (
             "failed", 2, f"prompt {prompt_id}: RuntimeError: device lost")
+
+
+def test_the_lease_heartbeat_reconnects_after_its_connection_is_cut(database_url):
+    from icldaemon.daemon import _Heartbeat
+    from icldaemon.store import queue
+
+    with psycopg.connect(database_url, autocommit=True) as observer:
+        insert(observer, text="a long job")
+        with queue.connect(database_url) as claimer:
+            claim = queue.claim(claimer, "test", lease_seconds=0.9)
+        before = {row[0] for row in observer.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()")}
+
+        def lease() -> object:
+            return observer.execute("SELECT lease_expires_at FROM prompts WHERE id = %s",
+                                    (claim.prompt_id,)).fetchone()[0]
+
+        with _Heartbeat(database_url, claim, lease_seconds=0.9) as heartbeat:
+            wait_until(lambda: heartbeat.renewals >= 1)
+            heartbeat_pids = [row[0] for row in observer.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+                if row[0] not in before]
+            assert len(heartbeat_pids) == 1
+            observer.execute("SELECT pg_terminate_backend(%s)", (heartbeat_pids[0],))
+            cut_at = observer.execute("SELECT now()").fetchone()[0]
+            renewals_at_cut = heartbeat.renewals
+            # The beat after the cut fails; the one after reconnects and renews.
+            wait_until(lambda: heartbeat.renewals >= renewals_at_cut + 2)
+            assert not heartbeat.lost.is_set()
+            assert (lease() - cut_at).total_seconds() > 0.9  # renewed after the cut: now() + the lease
+
+
+def test_run_forever_exits_1_when_the_worker_thread_fails_outside_a_job(database_url, tiny):
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        prompt_id = insert(connection, text="one two three four")
+
+    def broken_callback(processed_id: int, status: str) -> None:
+        raise RuntimeError(f"callback broke after prompt {processed_id}")
+
+    worker = Worker(database_url, tiny, worker_id="test", poll_interval=0.2, stop_timeout=2.0,
+                    on_processed=broken_callback)
+    assert worker.run_forever() == 1
+    with psycopg.connect(database_url) as connection:
+        assert connection.execute("SELECT status FROM prompts WHERE id = %s", (prompt_id,)).fetchone() == ("done",)
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
