@@ -36,7 +36,7 @@ FULL = {
     "engine": {"tokens": (120, 512, 2048), "long": True},
     "writer": {"layers": 30, "tokens": 4000, "executemany_rows": 30_000, "repeat": 3},
     "end-to-end": {"rounds": 2},
-    "consolidation": {},
+    "consolidation": {"plot": str(Path(__file__).resolve().parent / "consolidation.png")},
 }
 MODULES = {"engine": "bench_engine", "writer": "bench_writer", "end-to-end": "bench_end_to_end",
            "consolidation": "bench_consolidation"}
