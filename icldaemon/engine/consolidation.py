@@ -30,7 +30,7 @@ from icldaemon.engine.measure import _kl, _RecordQuery
 from icldaemon.engine.prompt import SegmentedPrompt
 from icldaemon.exceptions import BadInputError, NumericalError, UnsupportedArchitectureError
 
-RIDGE = 0.01  # lambda as a share of the mean ||a~||^2: scale-free across layers and models
+RIDGE = 0.1  # lambda as a share of the mean ||a~||^2: scale-free across layers and models
 MAX_CONDITION = 1e12  # largest condition number of A^T A + lambda I that is solved
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 METADATA_FILE = "icldaemon.json"
