@@ -115,11 +115,20 @@ def cmd_run(args, settings: Settings) -> int:
         return worker.run_forever()
 
 
-def _memory_ids(value: str) -> list[int]:
-    try:
-        return [int(part) for part in value.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated memory ids like 1,2,3, got {value!r}") from None
+def _comma_separated_ints(what: str, example: str):
+    """An argparse type for a list like `example`; a bad value is named with `what` and the example."""
+
+    def parse(value: str) -> list[int]:
+        try:
+            return [int(part) for part in value.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what} like {example}, got {value!r}") from None
+
+    return parse
+
+
+_memory_ids = _comma_separated_ints("memory ids", "1,2,3")
+_layers = _comma_separated_ints("layer indices", "0,5,29")
 
 
 def cmd_submit(args, settings: Settings) -> int:
@@ -198,13 +207,6 @@ def cmd_adapters(args, settings: Settings) -> int:
     print("query / LoRA: share of the context's effect (KL) recovered on held-out queries with the static patch at the"
           " query position / at every position; greedy: held-out queries whose next token the LoRA adapter keeps")
     return 0
-
-
-def _layers(value: str) -> list[int]:
-    try:
-        return [int(part) for part in value.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 0,5,29, got {value!r}") from None
 
 
 def cmd_plot(args, settings: Settings) -> int:
