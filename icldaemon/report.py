@@ -18,6 +18,14 @@ def saturation_token(cumulative: np.ndarray, share: float = 0.9) -> int | None:
     return int(np.argmax(finite >= share * finite.max()))
 
 
+def _timing_line(timings: dict) -> str:
+    plain = timings.get("plain_forward_s")
+    if not plain:
+        return f"time: {timings['measure_s']:.2f} s"
+    return (f"time: {timings['measure_s']:.2f} s, {timings['measure_s'] / plain:.1f}x one plain forward pass "
+            f"({plain:.3f} s, warm, fastest of the passes timed after the measurement)")
+
+
 def summary_lines(measurement: Measurement) -> list[str]:
     model, timings, exactness = measurement.model, measurement.timings, measurement.exactness
     n = len(measurement.tokens)
@@ -27,8 +35,7 @@ def summary_lines(measurement: Measurement) -> list[str]:
         f"{len(measurement.input_ids) - measurement.query_position} query; {len(measurement.measured_prefixes)} "
         f"prefixes measured",
         f"exactness: max |logit error| {exactness['max_abs_logit_error']:.2e}, KL {exactness['kl']:.2e}",
-        f"time: {timings['measure_s']:.2f} s, {timings['measure_s'] / timings['plain_forward_s']:.1f}x one plain "
-        f"forward pass ({timings['plain_forward_s']:.3f} s)",
+        _timing_line(timings),
         f"whole context: KL(with || without) at the query {measurement.context_ablation.kl:.4f} nats",
         "",
         "layer  ||dW|| after the whole context   path length  saturates (90%) at token",

@@ -1,4 +1,4 @@
-"""Exact implicit weight updates (DESIGN.md §1): per-token dynamics and per-segment attribution.
+"""Exact implicit weight updates: per-token dynamics and per-segment attribution (docs/method.md).
 
 One plain forward pass over the prompt records, at the query position x, every layer's input h,
 MLP input a, residual m and first-dense output z, and leaves the context's keys and values in a
@@ -10,9 +10,9 @@ Attribution removes one segment Y (a forward pass over C without Y) and runs thr
 against it: hybrid (overwritten from the full run), patched (dW and db applied, nothing overwritten:
 the check) and plain (the behavioural effect).
 
-C without Y keeps every remaining token at its position in C: Y leaves a gap. The query's own input
-is then the same in every run, also in models with absolute position embeddings (GPT-2), and the
-tokens after Y keep their distance to the query.
+Every run is one a prompt could be: positions are consecutive. The full copy of prefix i sits at
+`anchor + i + k` (the query right after c_i), the hybrid copies at `anchor + k` (the query right after
+the anchor); C without Y is the prompt with Y's tokens taken out and the rest closed up.
 """
 
 import math
@@ -32,6 +32,7 @@ from icldaemon.exceptions import BadInputError, NumericalError
 
 CHUNK_COPIES = 256  # prefixes per chunk of copies; bounds the extra memory of the copies
 ROW_BLOCK_COPIES = 64  # prefixes per attention row block: each block sees only the keys it needs
+PLAIN_FORWARD_REPEATS = 1  # warm plain passes timed after each measurement, for its cost ratio
 REDUCTION_DTYPE = torch.float64  # norms and dot products of differences lose little at this precision
 
 
@@ -51,9 +52,8 @@ def _sliding_window(config) -> int | None:
     return getattr(config, "sliding_window", None)
 
 
-def _additive_mask(
-    tokens: list[_NewToken], cache_length: int, window: int | None, dtype, device, cache_positions=None
-) -> torch.Tensor:
+def _additive_mask(tokens: list[_NewToken], cache_length: int, window: int | None, dtype, device) -> torch.Tensor:
+    """Cached keys sit at positions 0..cache_length-1; the window, where there is one, counts positions."""
     positions = torch.tensor([token.position for token in tokens], device=device)
     limits = torch.tensor([token.cache_limit for token in tokens], device=device)
     groups = torch.tensor([token.group for token in tokens], device=device)
@@ -63,38 +63,25 @@ def _additive_mask(
     allowed_new = (groups[:, None] == groups[None, :]) & (order[None, :] <= order[:, None])  # [new, new]
     allowed = torch.cat([allowed_cache, allowed_new], dim=1)
     if window is not None:
-        cached = cache_keys if cache_positions is None else cache_positions.to(device)
-        key_positions = torch.cat([cached, positions])
+        key_positions = torch.cat([cache_keys, positions])
         allowed &= key_positions[None, :] > positions[:, None] - window
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]  # [batch, head, new, cache + new]
 
 
-def _has_sliding_window(config) -> bool:
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types:
-        return "sliding_attention" in layer_types
-    return _sliding_window(config) is not None
-
-
-def _attention_mask(model: PreTrainedModel, tokens: list[_NewToken], cache_length: int, cache_positions=None):
-    """A custom 4D mask; a mapping per attention type where the model mixes full and sliding layers.
-
-    `cache_positions` are the cached keys' position ids where they are not simply 0..cache_length-1.
-    """
+def _attention_mask(model: PreTrainedModel, tokens: list[_NewToken], cache_length: int):
+    """A custom 4D mask; a mapping per attention type where the model mixes full and sliding layers."""
     dtype, device, config = model.dtype, model.device, model.config
     full = _additive_mask(tokens, cache_length, None, dtype, device)
     layer_types = getattr(config, "layer_types", None)
     if layer_types:
         masks = {"full_attention": full}
         if "sliding_attention" in layer_types:
-            masks["sliding_attention"] = _additive_mask(
-                tokens, cache_length, config.sliding_window, dtype, device, cache_positions
-            )
+            masks["sliding_attention"] = _additive_mask(tokens, cache_length, config.sliding_window, dtype, device)
         return masks
     window = _sliding_window(config)
-    return full if window is None else _additive_mask(tokens, cache_length, window, dtype, device, cache_positions)
+    return full if window is None else _additive_mask(tokens, cache_length, window, dtype, device)
 
 
 def _crop(cache: DynamicCache, length: int) -> None:
@@ -171,7 +158,8 @@ class _PrefixCopies(Tap):
         return self.mlp_rows
 
     def duplicate_rows(self):
-        # a hybrid copy's layer input and position are its full copy's: so are its query, key and value
+        # a hybrid copy's layer input is its full copy's: so are its query, key and value projections
+        # (rotary positions are applied after them)
         return self.mlp_rows, self.hybrid_index, self.full_index
 
     def layer_output(self, layer_idx, hidden_states, state):
@@ -234,17 +222,18 @@ def _prefix_dynamics(model, adapter, prompt, cache, prefixes, chunk_copies) -> d
             cache_length = anchor + chunk[0]
             _crop(cache, cache_length)
             tokens, token_ids, full_index, hybrid_index = [], [], [], []
-            # the hybrid run's query tokens before x: the same for every prefix, so shared by the chunk
+            # the hybrid run's query tokens before x, right after the anchor: the same for every prefix,
+            # so shared by the chunk
             for k in range(query_len - 1):
-                tokens.append(_NewToken(query_position + k, anchor, group=-1))
+                tokens.append(_NewToken(anchor + k, anchor, group=-1))
                 token_ids.append(query_ids[k])
             for copy, prefix in enumerate(chunk):
                 for k in range(query_len):
-                    tokens.append(_NewToken(query_position + k, anchor + prefix, group=copy))
+                    tokens.append(_NewToken(anchor + prefix + k, anchor + prefix, group=copy))
                     token_ids.append(query_ids[k])
                 full_index.append(len(tokens) - 1)
             for copy in range(len(chunk)):
-                tokens.append(_NewToken(query_position + query_len - 1, anchor, group=-1))
+                tokens.append(_NewToken(anchor + query_len - 1, anchor, group=-1))
                 token_ids.append(query_ids[-1])
                 hybrid_index.append(len(tokens) - 1)
             mask = _attention_mask(model, tokens, cache_length)
@@ -317,6 +306,10 @@ class _AblationCopies(Tap):
     def layer_input(self, layer_idx, hidden_states):
         hidden_states = hidden_states.clone()
         hidden_states[0, self.HYBRID] = self.full.hidden_in[layer_idx]
+        if layer_idx == 0:
+            # the query's input x is the full prompt's: with absolute position embeddings (GPT-2) the
+            # embedding at the closed-up position differs, and the patch is defined for the full run's x
+            hidden_states[0, self.PATCHED] = self.full.hidden_in[0]
         return hidden_states
 
     def dense_output(self, layer_idx, dense_idx, module, output, state):
@@ -349,22 +342,17 @@ class _AblationCopies(Tap):
 def _ablate(model, adapter, prompt, full: _RecordQuery, full_log_probs, remove: tuple[int, int]) -> Ablation:
     start, end = remove
     device = model.device
-    length = len(prompt.input_ids)
+    # C without Y, closed up: the prompt the application would have sent without Y
     ids = torch.tensor(prompt.input_ids[:start] + prompt.input_ids[end:], device=device)
-    positions = torch.cat([torch.arange(start), torch.arange(end, length)]).to(device)
     prefix_length = len(ids) - 1
+    query_position = prefix_length
     cache = DynamicCache()
-    prefix_mask = None
-    if _has_sliding_window(model.config):
-        # the model's own sliding-window mask counts indices; with a gap, the window is in positions
-        prefix_tokens = [_NewToken(int(position), 0, group=0) for position in positions[:-1]]
-        prefix_mask = _attention_mask(model, prefix_tokens, 0)
-    _forward(model, ids[:-1], positions[:-1], cache, prefix_mask)
-    tokens = [_NewToken(length - 1, prefix_length, group=copy) for copy in range(3)]
-    mask = _attention_mask(model, tokens, prefix_length, cache_positions=positions[:-1])
+    _forward(model, ids[:-1], torch.arange(prefix_length, device=device), cache)
+    tokens = [_NewToken(query_position, prefix_length, group=copy) for copy in range(3)]
+    mask = _attention_mask(model, tokens, prefix_length)
     tap = _AblationCopies(full, adapter.num_layers(model))
     with tapped(model, adapter, tap):
-        logits = _forward(model, ids[-1:].repeat(3), torch.full((3,), length - 1, device=device), cache, mask, 3)
+        logits = _forward(model, ids[-1:].repeat(3), torch.full((3,), query_position, device=device), cache, mask, 3)
     _check_finite("the logits", logits)
     log_probs = torch.log_softmax(logits, dim=-1)
     stack = lambda tensors: torch.stack(tensors).float().cpu().numpy()  # noqa: E731
@@ -392,6 +380,27 @@ def max_positions(model: PreTrainedModel) -> int | None:
 
 
 @torch.no_grad()
+def time_plain_forward(model: PreTrainedModel, input_ids: list[int], repeats: int) -> float | None:
+    """The fastest of `repeats` plain forward passes over the prompt, as an application would run it."""
+    if repeats < 1:
+        return None
+    ids = torch.tensor([input_ids], device=model.device)
+    timings = []
+    for _ in range(repeats):
+        _synchronize(model.device)
+        started = time.perf_counter()
+        model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        _synchronize(model.device)
+        timings.append(time.perf_counter() - started)
+    return min(timings)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
 def measure(
     model: PreTrainedModel,
     prompt: SegmentedPrompt,
@@ -401,8 +410,16 @@ def measure(
     attribute_segments: bool = True,
     model_name: str | None = None,
     adapter: ArchitectureAdapter | None = None,
+    plain_forward_repeats: int = PLAIN_FORWARD_REPEATS,
+    warm_up: bool = False,
 ) -> Measurement:
-    """Measure the prompt's per-token dynamics and, per labelled segment, the exact patch for removing it."""
+    """Measure the prompt's per-token dynamics and, per labelled segment, the exact patch for removing it.
+
+    `timings["plain_forward_s"]` is the fastest of `plain_forward_repeats` plain forward passes over the
+    prompt (no hooks), run after the measurement so that they are warm; 0 repeats: not timed (None).
+    `warm_up` runs one plain pass before the clock starts: the first pass of a process is several times
+    slower than the next (a one-off measurement would otherwise time a cold model).
+    """
     adapter = adapter or adapter_for(model)
     limit = max_positions(model)
     if limit is not None and len(prompt.input_ids) > limit:
@@ -416,19 +433,23 @@ def measure(
     device = model.device
     ids = torch.tensor(prompt.input_ids, device=device)
 
+    if plain_forward_repeats < 0:
+        raise BadInputError(f"plain_forward_repeats must not be negative, got {plain_forward_repeats}")
+    if warm_up:
+        time_plain_forward(model, prompt.input_ids, 1)
     started = time.perf_counter()
     full = _RecordQuery()
     cache = DynamicCache()
     with tapped(model, adapter, full):
         full.logits = _forward(model, ids, torch.arange(len(ids), device=device), cache)[-1]
     _check_finite("the logits", full.logits)
-    plain_forward_s = time.perf_counter() - started
+    recorded_forward_s = time.perf_counter() - started
     full_log_probs = torch.log_softmax(full.logits, dim=-1)
 
     _crop(cache, prompt.query_position)
     dynamics = _prefix_dynamics(model, adapter, prompt, cache, prefixes, chunk_copies)
     del cache
-    dynamics_s = time.perf_counter() - started - plain_forward_s
+    dynamics_s = time.perf_counter() - started - recorded_forward_s
 
     context = _ablate(model, adapter, prompt, full, full_log_probs, (prompt.anchor_tokens, prompt.query_position))
     segments = []
@@ -439,6 +460,7 @@ def measure(
                 segment.label, segment.kind, segment.start, segment.end, segment.memory_id, segment.key, ablation
             ))
     measure_s = time.perf_counter() - started
+    plain_forward_s = time_plain_forward(model, prompt.input_ids, plain_forward_repeats)
 
     anchor = prompt.anchor_tokens
     tokens = []
@@ -462,5 +484,7 @@ def measure(
             "device": str(device),
             "family": adapter.family,
         },
-        timings={"plain_forward_s": plain_forward_s, "dynamics_s": dynamics_s, "measure_s": measure_s},
+        timings={"plain_forward_s": plain_forward_s, "recorded_forward_s": recorded_forward_s,
+                 "dynamics_s": dynamics_s, "measure_s": measure_s},
+        log_probs=full_log_probs.cpu().numpy(),
     )

@@ -4,6 +4,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# The definition of prefix i and of "C without Y" that produced a measurement (docs/method.md, §5).
+# 1: the query kept its position in the whole prompt, removed tokens left a gap in the positions.
+# 2: every run is a prompt that could be sent: the query follows the kept tokens, removal closes up.
+METHOD_VERSION = 2
+
 DYNAMICS_NAMES = (
     "delta_norm",
     "update_frobenius_norm",
@@ -89,6 +94,9 @@ class Measurement:
     segments: list[SegmentAttribution]
     model: dict
     timings: dict = field(default_factory=dict)
+    method_version: int = METHOD_VERSION
+    # log p(. | C) at the query, float64 [vocab]: kept for checks, not written anywhere
+    log_probs: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def num_layers(self) -> int:
@@ -107,6 +115,7 @@ class Measurement:
             return [[None if np.isnan(value) else float(value) for value in row] for row in values]
 
         return {
+            "method_version": self.method_version,
             "input_ids": list(self.input_ids),
             "anchor_tokens": self.anchor_tokens,
             "query_position": self.query_position,

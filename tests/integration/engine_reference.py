@@ -13,31 +13,10 @@ NAMES = ("delta_norm", "update_frobenius_norm", "marginal_update_norm", "cumulat
          "implicit_learning_rate", "bias_update_norm")
 
 
-def windowed_masks(config, positions: list[int]):
-    """Causal masks that limit sliding-window layers by position (tokens may have gaps), or None."""
-    layer_types = getattr(config, "layer_types", None) or []
-    window = getattr(config, "sliding_window", None)
-    if not window or (not layer_types and not getattr(config, "use_sliding_window", True)):
-        return None
-    if layer_types and "sliding_attention" not in layer_types:
-        return None
-    position = torch.tensor(positions)
-    causal = torch.ones(len(positions), len(positions), dtype=torch.bool).tril()
-    in_window = causal & (position[None, :] > position[:, None] - window)
-
-    def additive(allowed):
-        return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
-
-    if layer_types:
-        return {"full_attention": additive(causal), "sliding_attention": additive(in_window)}
-    return additive(in_window)
-
-
-def run_recording(model, ids: list[int], positions: list[int] | None = None,
-                  overwrite: list[torch.Tensor] | None = None):
-    """Run `ids` at `positions`; at the last position record every layer's input h, MLP input a,
-    residual m, dense output z; with `overwrite`, replace the last position's input of layer l first."""
-    positions = list(range(len(ids))) if positions is None else positions
+def run_recording(model, ids: list[int], overwrite: list[torch.Tensor] | None = None):
+    """Run the prompt `ids` as it stands (positions 0, 1, 2, ...); at the last position record every
+    layer's input h, MLP input a, residual m, dense output z; with `overwrite`, replace the last
+    position's input of layer l first."""
     adapter = adapter_for(model)
     record = {"h": [], "a": [], "m": [], "z": []}
     handles = []
@@ -77,10 +56,7 @@ def run_recording(model, ids: list[int], positions: list[int] | None = None,
         handles.append(block.register_forward_hook(after_block))
     try:
         with torch.no_grad():
-            logits = model(
-                torch.tensor([ids]), position_ids=torch.tensor([positions]),
-                attention_mask=windowed_masks(model.config, positions),
-            ).logits[0, -1].double()
+            logits = model(torch.tensor([ids])).logits[0, -1].double()
     finally:
         for handle in handles:
             handle.remove()
@@ -101,15 +77,10 @@ def dense_weights(model) -> list[torch.Tensor]:
     return weights
 
 
-def kept(ids: list[int], keep: list[int]) -> tuple[list[int], list[int]]:
-    """The tokens at indices `keep`, with their original positions (removed tokens leave a gap)."""
-    return [ids[index] for index in keep], list(keep)
-
-
-def exact_patch(model, ids: list[int], keep_full: list[int], keep_ablated: list[int]):
-    """Per layer (dW, db, delta, a~) for going from the tokens `keep_ablated` to `keep_full`, at the last."""
-    full, _ = run_recording(model, *kept(ids, keep_full))
-    hybrid, _ = run_recording(model, *kept(ids, keep_ablated), overwrite=full["h"])
+def exact_patch(model, full_ids: list[int], ablated_ids: list[int]):
+    """Per layer (dW, db, delta, a~) for going from the prompt `ablated_ids` to `full_ids`, at the last token."""
+    full, _ = run_recording(model, full_ids)
+    hybrid, _ = run_recording(model, ablated_ids, overwrite=full["h"])
     patches = []
     for layer_idx, weight in enumerate(dense_weights(model)):
         a, a_tilde = full["a"][layer_idx].double(), hybrid["a"][layer_idx].double()
@@ -118,6 +89,11 @@ def exact_patch(model, ids: list[int], keep_full: list[int], keep_ablated: list[
         bias = full["m"][layer_idx].double() - hybrid["m"][layer_idx].double()
         patches.append((update, bias, delta, a_tilde))
     return patches
+
+
+def without(ids: list[int], start: int, end: int) -> list[int]:
+    """The prompt with tokens [start, end) taken out and the rest closed up."""
+    return ids[:start] + ids[end:]
 
 
 def reference_dynamics(model, prompt, prefixes: list[int] | None = None) -> dict[str, np.ndarray]:
@@ -129,9 +105,8 @@ def reference_dynamics(model, prompt, prefixes: list[int] | None = None) -> dict
     previous = None
     path_length = np.zeros(num_layers)
     for prefix in prefixes:
-        query_indices = list(range(query, len(ids)))
-        patches = exact_patch(model, ids, list(range(anchor + prefix)) + query_indices,
-                              list(range(anchor)) + query_indices)
+        # prefix i: anchor + c_1..c_i + query; no context: anchor + query
+        patches = exact_patch(model, ids[: anchor + prefix] + ids[query:], ids[:anchor] + ids[query:])
         for layer_idx, (update, bias, delta, a_tilde) in enumerate(patches):
             before = torch.zeros_like(update) if previous is None else previous[layer_idx][0]
             marginal = float(torch.linalg.matrix_norm(update - before))
@@ -147,8 +122,8 @@ def reference_dynamics(model, prompt, prefixes: list[int] | None = None) -> dict
     return values
 
 
-def behavioural_kl(model, ids: list[int], keep_ablated: list[int]) -> float:
+def behavioural_kl(model, ids: list[int], ablated_ids: list[int]) -> float:
     _, full_logits = run_recording(model, ids)
-    _, ablated_logits = run_recording(model, *kept(ids, keep_ablated))
+    _, ablated_logits = run_recording(model, ablated_ids)
     log_p, log_q = torch.log_softmax(full_logits, -1), torch.log_softmax(ablated_logits, -1)
     return float((log_p.exp() * (log_p - log_q)).sum())

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from engine_reference import NAMES, reference_dynamics
+from engine_reference import NAMES, reference_dynamics, without
 
 from icldaemon.engine import loading
 from icldaemon.engine.measure import measure
-from icldaemon.engine.prompt import Memory, build_prompt
+from icldaemon.engine.prompt import Memory, Segment, SegmentedPrompt, build_prompt
 
 pytestmark = pytest.mark.slow
 
@@ -70,3 +70,53 @@ def test_dynamics_match_the_reference_on_the_bundled_model(bundled):
     expected = reference_dynamics(bundled.model, prompt, measurement.measured_prefixes)
     for name in NAMES:
         np.testing.assert_allclose(measurement.dynamics[name], expected[name], rtol=2e-3, atol=2e-4, err_msg=name)
+
+
+MEETING_NOTES = (
+    "Meeting notes, Tuesday. Ana will draft the launch email. Bruno owns the release checklist and the "
+    "rollback plan. Chen books the demo room.\nQuestion: who owns the release checklist? Answer:"
+)
+ACCEPTANCE = ("delta_norm", "update_frobenius_norm", "implicit_learning_rate", "bias_update_norm")
+
+
+def test_every_prefix_agrees_with_two_passes_on_the_contiguous_prompt(bundled):
+    """Prefix i is anchor + c_1..c_i + query; the JSON document agrees with the slow check within 1e-3."""
+    prompt = build_prompt(bundled.tokenizer, text=MEETING_NOTES)
+    assert prompt.context_tokens >= 30
+    document = measure(bundled.model, prompt, plain_forward_repeats=0).to_json()
+    assert document["method_version"] == 2
+    expected = reference_dynamics(bundled.model, prompt)
+    for name in ACCEPTANCE:
+        measured = np.array(document["dynamics"][name], dtype=float)
+        np.testing.assert_allclose(measured, expected[name], rtol=1e-3, atol=1e-6, err_msg=name)
+    assert document["exactness"]["max_abs_logit_error"] <= 1e-4
+
+
+def test_a_truncated_prompt_measured_alone_gives_the_same_column(bundled):
+    prompt = build_prompt(bundled.tokenizer, text=MEETING_NOTES)
+    whole = measure(bundled.model, prompt, plain_forward_repeats=0)
+    anchor, query = prompt.anchor_tokens, prompt.query_position
+    for prefix in (4, 17):
+        ids = prompt.input_ids[: anchor + prefix] + prompt.input_ids[query:]
+        alone = measure(bundled.model, SegmentedPrompt(ids, [
+            Segment("anchor", "anchor", 0, anchor), Segment("context", "context", anchor, anchor + prefix),
+            Segment("query", "query", anchor + prefix, len(ids)),
+        ]), plain_forward_repeats=0)
+        for name in NAMES:
+            np.testing.assert_allclose(alone.dynamics[name][:, -1], whole.dynamics[name][:, prefix - 1],
+                                       rtol=1e-5, atol=1e-8, err_msg=f"{name}, prefix {prefix}")
+
+
+def test_without_a_memory_is_the_prompt_the_application_would_build_without_it(bundled):
+    """Taking a memory's tokens out and closing up gives the prompt rendered without that memory, and the
+    memory's KL is measured against exactly that prompt."""
+    prompt = build_prompt(bundled.tokenizer, messages=CHAT, memories=MEMORIES)
+    whole = measure(bundled.model, prompt, plain_forward_repeats=0)
+    for segment, memory in zip(whole.segments, MEMORIES, strict=True):
+        others = [other for other in MEMORIES if other is not memory]
+        rendered = build_prompt(bundled.tokenizer, messages=CHAT, memories=others)
+        assert rendered.input_ids == without(prompt.input_ids, segment.start, segment.end), memory.key
+        alone = measure(bundled.model, rendered, attribute_segments=False, plain_forward_repeats=0)
+        log_p, log_q = whole.log_probs, alone.log_probs
+        assert segment.ablation.kl == pytest.approx(float(np.sum(np.exp(log_p) * (log_p - log_q))), rel=1e-4)
+        assert segment.ablation.max_abs_logit_error <= 1e-4

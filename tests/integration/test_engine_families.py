@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from engine_reference import NAMES, behavioural_kl, exact_patch, reference_dynamics
+from engine_reference import NAMES, behavioural_kl, exact_patch, reference_dynamics, without
 
 from icldaemon.engine.adapters import SUPPORTED_ARCHITECTURES, adapter_for
 from icldaemon.engine.measure import measure, measured_prefixes
@@ -83,8 +83,8 @@ def test_segment_attribution_matches_the_reference(family):
     ids = prompt.input_ids
     assert [segment.label for segment in measurement.segments] == ["memory:1", "memory:2"]
     for segment in measurement.segments:
-        keep = [index for index in range(len(ids)) if not segment.start <= index < segment.end]
-        patches = exact_patch(model, ids, list(range(len(ids))), keep)
+        closed_up = without(ids, segment.start, segment.end)
+        patches = exact_patch(model, ids, closed_up)
         ablation = segment.ablation
         np.testing.assert_allclose(
             ablation.update_frobenius_norm, [float(torch.linalg.matrix_norm(p[0])) for p in patches], **TOLERANCE
@@ -92,7 +92,7 @@ def test_segment_attribution_matches_the_reference(family):
         np.testing.assert_allclose(ablation.bias_update_norm, [float(p[1].norm()) for p in patches], **TOLERANCE)
         np.testing.assert_allclose(ablation.delta, np.stack([p[2].numpy() for p in patches]), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(ablation.a_tilde, np.stack([p[3].numpy() for p in patches]), rtol=1e-4, atol=1e-5)
-        assert ablation.kl == pytest.approx(behavioural_kl(model, ids, keep), rel=1e-3, abs=1e-9)
+        assert ablation.kl == pytest.approx(behavioural_kl(model, ids, closed_up), rel=1e-3, abs=1e-9)
         assert ablation.kl > 0
         assert ablation.max_abs_logit_error < 1e-5
 
@@ -163,3 +163,46 @@ def test_half_precision_measures_and_reports_its_exactness(dtype):
     # half precision tracks the float32 measurement to its own resolution
     np.testing.assert_allclose(measurement.dynamics["update_frobenius_norm"],
                                reference.dynamics["update_frobenius_norm"], rtol=0.1, atol=2e-3)
+
+
+def truncated(prompt: SegmentedPrompt, prefix: int) -> SegmentedPrompt:
+    """The prompt a user would have written with only c_1..c_prefix: anchor, those tokens, then the query."""
+    anchor, query = prompt.anchor_tokens, prompt.query_position
+    ids = prompt.input_ids[: anchor + prefix] + prompt.input_ids[query:]
+    return SegmentedPrompt(ids, [
+        Segment("anchor", "anchor", 0, anchor),
+        Segment("context", "context", anchor, anchor + prefix),
+        Segment("query", "query", anchor + prefix, len(ids)),
+    ])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_prefix_i_is_the_prompt_truncated_after_token_i(family):
+    """Column i of the whole measurement is the last column of measuring the truncated prompt on its own."""
+    model, prompt = tiny_model(family), segmented(length=26, query_tokens=2)
+    whole = measure(model, prompt, chunk_copies=6, attribute_segments=False)
+    for prefix in (1, 5, 11, prompt.context_tokens - 3):
+        alone = measure(model, truncated(prompt, prefix), attribute_segments=False)
+        for name in NAMES:
+            np.testing.assert_allclose(alone.dynamics[name][:, -1], whole.dynamics[name][:, prefix - 1],
+                                       rtol=1e-5, atol=1e-7, err_msg=f"{name}, prefix {prefix}")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+def test_removing_a_memory_is_measuring_the_prompt_rebuilt_without_it(family):
+    """A memory's KL is the KL between the measurement of the prompt and that of the prompt without it."""
+    model, prompt = tiny_model(family), segmented()
+    whole = measure(model, prompt, plain_forward_repeats=0)
+    for segment in whole.segments:
+        ids = without(prompt.input_ids, segment.start, segment.end)
+        rebuilt = SegmentedPrompt(ids, [
+            Segment("anchor", "anchor", 0, prompt.anchor_tokens),
+            Segment("context", "context", prompt.anchor_tokens, prompt.query_position - (segment.end - segment.start)),
+            Segment("query", "query", prompt.query_position - (segment.end - segment.start), len(ids)),
+        ])
+        alone = measure(model, rebuilt, attribute_segments=False, plain_forward_repeats=0)
+        log_p, log_q = whole.log_probs, alone.log_probs
+        assert segment.ablation.kl == pytest.approx(float(np.sum(np.exp(log_p) * (log_p - log_q))), rel=1e-6)
+        assert segment.ablation.kl > 0
+        assert segment.ablation.max_abs_logit_error < 1e-5
+
