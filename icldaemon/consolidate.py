@@ -37,6 +37,7 @@ from icldaemon.engine.consolidation import (
     without_segments,
 )
 from icldaemon.engine.loading import LoadedModel
+from icldaemon.engine.result import METHOD_VERSION
 from icldaemon.exceptions import BadInputError, ConsolidationError, IcldaemonError
 from icldaemon.logs import get_logger
 from icldaemon.store import queue
@@ -147,7 +148,9 @@ class Consolidator:
         self.log = get_logger(model=loaded.name)
 
     def _model_parameters(self) -> dict:
-        return {"model": self.loaded.name, "model_revision": self.loaded.revision or None}
+        # patches of another method version describe other prompts: they never mix in one adapter
+        return {"model": self.loaded.name, "model_revision": self.loaded.revision or None,
+                "method_version": METHOD_VERSION}
 
     # --- which groups
 

@@ -1,5 +1,6 @@
 -- name: scope_groups --
--- Groups of a scope (memory, session or all; or only scope_key) with min_patches unused patches of this model.
+-- Groups of a scope (memory, session or all; or only scope_key) with min_patches unused patches of this model,
+-- measured by this method version.
 WITH patches AS (
     SELECT memory_patches.run_id, memory_patches.memory_id,
            CASE %(scope)s WHEN 'memory' THEN 'memory:' || memory_patches.memory_id
@@ -10,6 +11,7 @@ WITH patches AS (
     JOIN prompts ON prompts.id = measurement_runs.prompt_id
     WHERE memory_patches.model = %(model)s
       AND memory_patches.model_revision IS NOT DISTINCT FROM %(model_revision)s
+      AND measurement_runs.method_version = %(method_version)s
       AND (%(scope)s <> 'session' OR prompts.session_id IS NOT NULL)
 )
 SELECT patches.scope_key, count(*) AS patches,
@@ -39,6 +41,7 @@ JOIN measurement_runs ON measurement_runs.id = memory_patches.run_id
 JOIN prompts ON prompts.id = measurement_runs.prompt_id
 WHERE memory_patches.model = %(model)s
   AND memory_patches.model_revision IS NOT DISTINCT FROM %(model_revision)s
+  AND measurement_runs.method_version = %(method_version)s
   AND CASE %(scope)s WHEN 'memory' THEN 'memory:' || memory_patches.memory_id
                      WHEN 'session' THEN 'session:' || prompts.session_id
                      ELSE 'all' END = %(scope_key)s

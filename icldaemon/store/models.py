@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 from sqlalchemy import (
+    SmallInteger,
     BigInteger,
     CheckConstraint,
     DateTime,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    SmallInteger,
     Text,
     UniqueConstraint,
     Uuid,
@@ -179,6 +181,9 @@ class MeasurementRun(Base):
     exactness_kl: Mapped[float | None]
     context_kl: Mapped[float | None]
     created_at: Mapped[datetime.datetime] = mapped_column(server_default=func.now())
+    # Which definition of prefixes and removal produced the run (docs/method.md; added by migration 0005,
+    # hence last): 1 left gaps in the positions, 2 measures prompts that could be sent.
+    method_version: Mapped[int] = mapped_column(SmallInteger)
 
 
 class MemoryEffect(Base):

@@ -195,6 +195,7 @@ def write_measurement(
         "max_abs_logit_error": _finite_or_none(exactness["max_abs_logit_error"]),
         "exactness_kl": _finite_or_none(exactness["kl"]),
         "context_kl": _finite_or_none(measurement.context_ablation.kl),
+        "method_version": measurement.method_version,
     }
     with translate_errors(queue.connection_url(connection), f"writing the results of prompt {source.prompt_id}"):
         with connection.transaction():

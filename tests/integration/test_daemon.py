@@ -59,9 +59,11 @@ def test_run_once_measures_good_prompts_and_fails_bad_ones_by_name(database_url,
         patches = connection.execute("SELECT count(*) FROM memory_patches").fetchone()[0]
         segments = connection.execute("SELECT DISTINCT segment, memory_id FROM icl_dynamics_log "
                                       "WHERE memory_id IS NOT NULL ORDER BY memory_id").fetchall()
+        method_versions = connection.execute("SELECT DISTINCT method_version FROM measurement_runs").fetchall()
 
     for prompt_id in good.values():
         assert status[prompt_id] == ("done", None, 1)
+    assert method_versions == [(2,)]  # prompts that could be sent: docs/method.md
     expected_errors = {
         "malformed": "messages must be a non-empty JSON list",
         "no content": "message 0 is not a",

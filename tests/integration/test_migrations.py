@@ -216,3 +216,33 @@ def test_ensure_partitions_moves_rows_out_of_the_default_partition(database_url)
         (1, "icl_dynamics_log_y2026m04"),
         (2, "icl_dynamics_log_default"),
     ]
+
+
+# --- method versions
+
+
+def test_runs_measured_before_revision_0005_keep_method_version_1(empty_database_url):
+    migrate.upgrade(empty_database_url, "0004")
+    with psycopg.connect(empty_database_url) as connection:
+        prompt_id = connection.execute("INSERT INTO prompts (text) VALUES ('hi') RETURNING id").fetchone()[0]
+        connection.execute(
+            "INSERT INTO measurement_runs (prompt_id, model, num_layers, total_tokens, context_tokens, anchor_tokens, "
+            "query_position, stride) VALUES (%s, 'm', 2, 5, 3, 1, 4, 1)", (prompt_id,))
+
+    migrate.upgrade(empty_database_url)
+    with psycopg.connect(empty_database_url) as connection:
+        assert connection.execute("SELECT method_version FROM measurement_runs").fetchall() == [(1,)]
+        assert connection.execute(
+            "SELECT method_version FROM icl_analytics.run_summary").fetchall() == [(1,)]
+        # no default: a writer that does not say which definition it measured is refused
+        with pytest.raises(psycopg.errors.NotNullViolation):
+            connection.execute(
+                "INSERT INTO measurement_runs (prompt_id, model, num_layers, total_tokens, context_tokens, "
+                "anchor_tokens, query_position, stride) VALUES (%s, 'm', 2, 5, 3, 1, 4, 1)", (prompt_id,))
+
+    migrate.downgrade(empty_database_url, "0004")
+    with psycopg.connect(empty_database_url) as connection:
+        columns = connection.execute("SELECT column_name FROM information_schema.columns "
+                                     "WHERE table_name = 'measurement_runs'").fetchall()
+        assert ("method_version",) not in columns
+        assert connection.execute("SELECT count(*) FROM icl_analytics.run_summary").fetchone() == (1,)
