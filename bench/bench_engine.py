@@ -67,7 +67,7 @@ def child(method: str, tokens: int) -> dict:
         model(ids, logits_to_keep=1)
 
     def engine():
-        measure(model, prompt, attribute_segments=False)
+        measure(model, prompt, attribute_segments=False, plain_forward_repeats=0)
 
     with torch.no_grad():
         model(ids[:, :32], logits_to_keep=1)  # warm-up
