@@ -40,6 +40,10 @@ class Tap:
         """Rows whose MLP output is read; the others skip the down projection (zeros). None: all rows."""
         return None
 
+    def down_output(self, layer_idx: int, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
+        """The down projection's input (the MLP's intermediate activation) and output, [batch, seq, features]."""
+        return None
+
 
 def _replace_first(value, replacement):
     if isinstance(value, tuple):
@@ -90,10 +94,10 @@ def _down_pre(tap: Tap, state: dict, module, args):
     return (args[0][:, rows], *args[1:])
 
 
-def _down_post(state: dict, module, args, output):
+def _down_post(tap: Tap, layer_idx: int, state: dict, module, args, output):
     rows = state.pop("down_rows", None)
     if rows is None:
-        return None
+        return tap.down_output(layer_idx, args[0], output)
     batch, sequence, _ = state.pop("down_shape")
     expanded = output.new_zeros(batch, sequence, output.shape[-1])
     expanded[:, rows] = output
@@ -138,7 +142,7 @@ def tapped(model: nn.Module, adapter: ArchitectureAdapter, tap: Tap):
                 handles.append(projection.register_forward_hook(partial(_projection_post, tap)))
             down = block.get_submodule(adapter.down_proj)
             handles.append(down.register_forward_pre_hook(partial(_down_pre, tap, state)))
-            handles.append(down.register_forward_hook(partial(_down_post, state)))
+            handles.append(down.register_forward_hook(partial(_down_post, tap, layer_idx, state)))
             handles.append(block.register_forward_hook(partial(_block_post, tap, layer_idx, state), with_kwargs=True))
         yield
     finally:

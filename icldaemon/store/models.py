@@ -230,6 +230,32 @@ class MemoryPatch(Base):
     model_revision: Mapped[str | None]
 
 
+class MemoryAnswerPatch(Base):
+    """One memory's exact patch at each answer position of one query, in the down projection's space.
+
+    The model's greedy answer with the memory in context (`answer_ids`), and per layer and answer
+    position the MLP input without the memory (`a_tilde`) and the layer-output change (`value`):
+    float16 little-endian [num_layers, positions, d_model] each (docs/method.md §7).
+    """
+
+    __tablename__ = "memory_answer_patches"
+    __table_args__ = (Index("memory_answer_patches_memory_id_idx", "memory_id"),)
+
+    run_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("measurement_runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    memory_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("memories.id"), primary_key=True)
+    model: Mapped[str]
+    model_revision: Mapped[str | None]
+    num_layers: Mapped[int]
+    d_model: Mapped[int]
+    answer_ids: Mapped[list[int]] = mapped_column(ARRAY(Integer))
+    a_tilde: Mapped[bytes] = mapped_column(LargeBinary)
+    value: Mapped[bytes] = mapped_column(LargeBinary)
+    max_abs_log_prob_error: Mapped[float | None]
+    created_at: Mapped[datetime.datetime] = mapped_column(server_default=func.now())
+
+
 class Adapter(Base):
     """One consolidated version of a scope's patches: a PEFT LoRA directory on disk and its fidelity.
 
@@ -242,6 +268,7 @@ class Adapter(Base):
     __tablename__ = "adapters"
     __table_args__ = (
         CheckConstraint("scope IN ('memory', 'session', 'all')", name="scope"),
+        CheckConstraint("status IN ('accepted', 'rejected')", name="status"),
         UniqueConstraint("model", "scope_key", "version", name="adapters_model_scope_key_version_key"),
     )
 
@@ -267,6 +294,26 @@ class Adapter(Base):
     greedy_match_query: Mapped[float | None]
     greedy_match_all: Mapped[float | None]
     created_at: Mapped[datetime.datetime] = mapped_column(server_default=func.now())
+    # Added by migration 0006, hence last: the method, the quality gate's verdict, and the figures
+    # measured like model edits (docs/method.md §7).
+    method: Mapped[str]  # 'down_projection'; 'gate_up_bias' for versions before 0006
+    status: Mapped[str]  # 'accepted' or 'rejected'; only accepted versions are current
+    status_reason: Mapped[str | None]
+    answer_examples: Mapped[int | None]
+    with_memory_rate: Mapped[float | None]
+    without_memory_rate: Mapped[float | None]
+    adapter_rate: Mapped[float | None]
+    answer_kl_without: Mapped[float | None]
+    answer_kl_adapter: Mapped[float | None]
+    neutral_prompts: Mapped[int | None]
+    neutral_kl: Mapped[float | None]
+    neutral_next_token_unchanged: Mapped[float | None]
+    neutral_continuation_unchanged: Mapped[float | None]
+    leak_examples: Mapped[int | None]
+    leak_rate: Mapped[float | None]
+    next_token_kl_share: Mapped[float | None]
+    preservation: Mapped[float | None]
+    fit_seconds: Mapped[float | None]
 
 
 class AdapterPatch(Base):

@@ -115,6 +115,7 @@ def test_upgrade_downgrade_upgrade(empty_database_url):
         "measurement_runs",
         "memory_effects",
         "memory_patches",
+        "memory_answer_patches",
         "adapters",
         "adapter_patches",
         "icl_dynamics_log",

@@ -1,0 +1,392 @@
+"""Patches where the fact is said, fitted into a plain LoRA on the down projection (docs/method.md §7).
+
+For one retrieval of a memory Y: the model's own greedy answer y with Y in context, then, teacher-forced
+on y, the exact patch of removing Y at every answer position t (the last prompt token and y_1..y_(T-1),
+the positions that predict y_1..y_T). It is the patch of §2 at several positions at once: the hybrid run
+of `C \\ Y + y` has every answer position's layer inputs overwritten from the full run of `C + y`
+(from the second layer on: the first sees the answer tokens' own embeddings). Written
+in the down projection's space:
+
+    key_t^l   = the down projection's input in the hybrid run (act(gate a~) * up a~)
+    value_t^l = the layer's output in the full run minus the hybrid's = MLP(a) - MLP(a~) + db
+
+so that `dD = value key^T / ||key||^2` added to the down projection at t reproduces the full run. The
+check runs `C \\ Y + y` with those rank-1 down-projection patches and nothing overwritten, and compares
+the log-probabilities at every answer position with the full run's.
+
+A memory's static patch per layer is the ridge map from keys to values over all (retrieval, answer
+position) pairs of its retrievals, relevant or not, with a preservation term that maps generic text's
+keys to zero, truncated to rank r by SVD: a LoRA on the down projection without any bias.
+"""
+
+import json
+import os
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import GenerationConfig, PreTrainedModel
+
+from icldaemon.engine.adapters import ArchitectureAdapter, adapter_for
+from icldaemon.engine.hooks import Tap, tapped
+from icldaemon.exceptions import BadInputError, NumericalError, UnsupportedArchitectureError
+
+ANSWER_TOKENS = 16  # greedy answer tokens recorded per retrieval
+RANK = 4  # rank of the down-projection LoRA
+RIDGE = 0.05  # lambda as a share of the mean squared key norm: scale-free across layers and models
+PRESERVATION = 1.0  # weight of the generic-text rows against the retrieval rows, in total
+NEUTRAL_POSITIONS = 1024  # generic-text keys kept per layer (evenly sampled), bounding the fit's memory
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+METADATA_FILE = "icldaemon.json"
+
+
+def _check_supported(adapter: ArchitectureAdapter) -> None:
+    if adapter.mlp_output != adapter.mlp:
+        raise UnsupportedArchitectureError(
+            f"the down-projection form for the {adapter.family} family: its MLP output passes through "
+            f"{adapter.mlp_output} before joining the residual, so a change of the down projection is not linear there"
+        )
+
+
+# ---- the answer --------------------------------------------------------------------------------------
+
+
+def stop_token_ids(model: PreTrainedModel, tokenizer=None) -> list[int]:
+    """End of sequence and end of turn: the model's own, and the tokenizer's."""
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
+@torch.no_grad()
+def greedy_answer(model: PreTrainedModel, input_ids: Sequence[int], max_new_tokens: int = ANSWER_TOKENS,
+                  stop_ids: Sequence[int] = ()) -> list[int]:
+    """The model's greedy continuation of `input_ids`, up to `max_new_tokens`, its stop token included."""
+    if max_new_tokens < 1:
+        raise BadInputError(f"the answer must have at least 1 token, got {max_new_tokens}")
+    stop = list(stop_ids)
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop or None,
+                              pad_token_id=stop[0] if stop else 0)
+    ids = torch.tensor([list(input_ids)], device=model.device)
+    output = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    return output[0, ids.shape[1]:].tolist()
+
+
+# ---- the exact patch at every answer position ----------------------------------------------------------
+
+
+@dataclass
+class AnswerPatch:
+    """One retrieval's exact patch of removing a memory at each answer position, per layer."""
+
+    answer_ids: list[int]
+    key: np.ndarray  # [num_layers, T, d_ff]  the down projection's input without the memory (hybrid)
+    value: np.ndarray  # [num_layers, T, d_model]  the layer output with the memory minus the hybrid's
+    a_tilde: np.ndarray  # [num_layers, T, d_model]  the MLP input without the memory (the key's source)
+    max_abs_log_prob_error: float  # the patched run without the memory against the full run
+
+    @property
+    def positions(self) -> int:
+        return self.value.shape[1]
+
+
+class _RecordFull(Tap):
+    def __init__(self, positions: torch.Tensor):
+        self.positions = positions
+        self.hidden_in, self.hidden_out = {}, {}
+
+    def layer_input(self, layer_idx, hidden_states):
+        self.hidden_in[layer_idx] = hidden_states[0, self.positions].detach().clone()
+
+    def layer_output(self, layer_idx, hidden_states, state):
+        self.hidden_out[layer_idx] = hidden_states[0, self.positions].detach().clone()
+
+
+class _Hybrid(Tap):
+    """Overwrites the answer positions' layer inputs from the full run; records key, a~ and layer output."""
+
+    def __init__(self, full: _RecordFull, positions: torch.Tensor):
+        self.full, self.positions = full, positions
+        self.key, self.a_tilde, self.hidden_out = {}, {}, {}
+
+    def layer_input(self, layer_idx, hidden_states):
+        if layer_idx == 0:
+            # the answer tokens' own embeddings: with absolute positions (GPT-2) they differ from the full
+            # run's, and the first layer's value then carries that difference too, as the adapter must
+            return None
+        hidden_states = hidden_states.clone()
+        hidden_states[0, self.positions] = self.full.hidden_in[layer_idx]
+        return hidden_states
+
+    def down_output(self, layer_idx, inputs, output):
+        self.key[layer_idx] = inputs[0, self.positions].detach().clone()
+
+    def layer_output(self, layer_idx, hidden_states, state):
+        self.a_tilde[layer_idx] = state["a"][0, self.positions].detach().clone()
+        self.hidden_out[layer_idx] = hidden_states[0, self.positions].detach().clone()
+
+
+class _RankOnePerPosition(Tap):
+    """Adds value_t (k . key_t) / ||key_t||^2 to the down projection's output at each answer position t."""
+
+    def __init__(self, key: dict, value: dict, positions: torch.Tensor):
+        self.key, self.value, self.positions = key, value, positions
+
+    def down_output(self, layer_idx, inputs, output):
+        key = self.key[layer_idx].to(torch.float64)  # [T, d_ff]
+        coefficient = torch.linalg.vecdot(inputs[0, self.positions].to(torch.float64), key) / torch.linalg.vecdot(
+            key, key)
+        output = output.clone()
+        output[0, self.positions] += (self.value[layer_idx].to(torch.float64) * coefficient[:, None]).to(output.dtype)
+        return output
+
+
+def _log_probs_at(model, ids: list[int], positions: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, positions]
+    if not torch.isfinite(logits).all():
+        raise NumericalError("non-finite logits at the answer positions")
+    return torch.log_softmax(logits.to(torch.float64), dim=-1)  # [T, vocab]
+
+
+@torch.no_grad()
+def answer_patch(model: PreTrainedModel, with_ids: Sequence[int], without_ids: Sequence[int],
+                 answer_ids: Sequence[int], adapter: ArchitectureAdapter | None = None) -> AnswerPatch:
+    """The exact patch of going from `without_ids` to `with_ids` at every position that predicts the answer."""
+    adapter = adapter or adapter_for(model)
+    _check_supported(adapter)
+    answer_ids = list(answer_ids)
+    if not answer_ids:
+        raise BadInputError("the answer is empty: there is no answer position to patch")
+    device = model.device
+    full_ids = list(with_ids) + answer_ids[:-1]
+    ablated_ids = list(without_ids) + answer_ids[:-1]
+    count = len(answer_ids)
+    full_positions = torch.arange(len(with_ids) - 1, len(with_ids) - 1 + count, device=device)
+    ablated_positions = torch.arange(len(without_ids) - 1, len(without_ids) - 1 + count, device=device)
+
+    full = _RecordFull(full_positions)
+    with tapped(model, adapter, full):
+        full_log_probs = _log_probs_at(model, full_ids, full_positions)
+    hybrid = _Hybrid(full, ablated_positions)
+    with tapped(model, adapter, hybrid):
+        model(input_ids=torch.tensor([ablated_ids], device=device))
+    value = {layer_idx: full.hidden_out[layer_idx] - hybrid.hidden_out[layer_idx] for layer_idx in full.hidden_out}
+    with tapped(model, adapter, _RankOnePerPosition(hybrid.key, value, ablated_positions)):
+        patched_log_probs = _log_probs_at(model, ablated_ids, ablated_positions)
+    layers = range(adapter.num_layers(model))
+    stack = lambda tensors: torch.stack([tensors[layer_idx] for layer_idx in layers]).float().cpu().numpy()  # noqa: E731
+    return AnswerPatch(
+        answer_ids=answer_ids,
+        key=stack(hybrid.key),
+        value=stack(value),
+        a_tilde=stack(hybrid.a_tilde),
+        max_abs_log_prob_error=float((patched_log_probs - full_log_probs).abs().max()),
+    )
+
+
+# ---- keys of stored patches and of generic text ---------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised once the down projection's input is recorded: nothing after it is needed."""
+
+
+@torch.no_grad()
+def keys_from_inputs(model: PreTrainedModel, a_tilde: np.ndarray, adapter: ArchitectureAdapter | None = None
+                     ) -> list[np.ndarray]:
+    """Per layer the down projection's input for MLP inputs `a_tilde` [num_layers, N, d_model]: [N, d_ff]."""
+    adapter = adapter or adapter_for(model)
+    keys = []
+    for layer_idx, block in enumerate(adapter.blocks(model)):
+        recorded = {}
+
+        def record(module, args, recorded=recorded):
+            recorded["key"] = args[0].detach()
+            raise _StopForward
+
+        handle = block.get_submodule(adapter.down_proj).register_forward_pre_hook(record)
+        try:
+            block.get_submodule(adapter.mlp)(torch.as_tensor(a_tilde[layer_idx], dtype=model.dtype,
+                                                             device=model.device)[None])
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        keys.append(recorded["key"][0].to(torch.float32).cpu().numpy())
+    return keys
+
+
+class _RecordKeys(Tap):
+    def __init__(self):
+        self.keys = {}
+
+    def down_output(self, layer_idx, inputs, output):
+        self.keys[layer_idx] = inputs[0, 1:].detach().to(torch.float32).cpu()  # position 0 is an attention sink
+
+
+@torch.no_grad()
+def generic_keys(model: PreTrainedModel, prompts: Sequence[Sequence[int]], limit: int = NEUTRAL_POSITIONS,
+                 adapter: ArchitectureAdapter | None = None) -> list[np.ndarray]:
+    """Per layer the down projection's inputs over generic prompts (every position but the first), at most `limit`."""
+    adapter = adapter or adapter_for(model)
+    per_layer: list[list[torch.Tensor]] = [[] for _ in range(adapter.num_layers(model))]
+    for ids in prompts:
+        tap = _RecordKeys()
+        with tapped(model, adapter, tap):
+            model(input_ids=torch.tensor([list(ids)], device=model.device))
+        for layer_idx, keys in tap.keys.items():
+            per_layer[layer_idx].append(keys)
+    stacked = [torch.cat(keys).numpy() for keys in per_layer]
+    total = stacked[0].shape[0]
+    if total > limit:
+        chosen = np.linspace(0, total - 1, limit).round().astype(int)
+        stacked = [keys[chosen] for keys in stacked]
+    return stacked
+
+
+# ---- the fit -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DownProjectionPatch:
+    """Per layer a rank-r change of the down projection, dD = lora_B @ lora_A (PEFT's names and shapes)."""
+
+    lora_A: np.ndarray  # [num_layers, rank, d_ff]
+    lora_B: np.ndarray  # [num_layers, d_model, rank]
+    ridge: float
+    preservation: float
+    pairs: int  # (retrieval, answer position) pairs fitted
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[1]
+
+    @property
+    def num_layers(self) -> int:
+        return self.lora_A.shape[0]
+
+    def __add__(self, other: "DownProjectionPatch") -> "DownProjectionPatch":
+        """Two patches stacked: their deltas summed (the ranks add up)."""
+        return DownProjectionPatch(
+            lora_A=np.concatenate([self.lora_A, other.lora_A], axis=1),
+            lora_B=np.concatenate([self.lora_B, other.lora_B], axis=2),
+            ridge=self.ridge, preservation=self.preservation, pairs=self.pairs + other.pairs,
+        )
+
+
+def fit_down_projection(keys: Sequence[np.ndarray], values: Sequence[np.ndarray],
+                        generic: Sequence[np.ndarray] | None = None, *, rank: int = RANK, ridge: float = RIDGE,
+                        preservation: float = PRESERVATION) -> DownProjectionPatch:
+    """Per layer, min_D sum_i ||D k_i - v_i||^2 + mu sum_n ||D g_n||^2 + lambda ||D||^2, truncated to `rank`.
+
+    keys [N, d_ff] and values [N, d_model] per layer; generic keys [M, d_ff] per layer, each weighted
+    mu = preservation * N / M (so the generic rows weigh `preservation` times the fit rows in total);
+    lambda = ridge * the mean ||k||^2 of the fit rows. Solved in the dual (N + M square) or primal
+    (d_ff square) form, whichever is smaller.
+    """
+    if rank < 1:
+        raise BadInputError(f"rank must be at least 1, got {rank}")
+    if ridge <= 0:
+        raise BadInputError(f"ridge must be positive, got {ridge}")
+    if preservation < 0:
+        raise BadInputError(f"preservation must not be negative, got {preservation}")
+    num_layers = len(keys)
+    if num_layers == 0 or len(values) != num_layers or (generic is not None and len(generic) != num_layers):
+        raise BadInputError("keys, values and generic keys must be given for the same layers")
+    count, d_ff = keys[0].shape
+    d_model = values[0].shape[1]
+    if count < 1:
+        raise BadInputError("no (retrieval, answer position) pairs to fit")
+    kept = min(rank, count, d_model)
+    lora_A = np.zeros((num_layers, kept, d_ff))
+    lora_B = np.zeros((num_layers, d_model, kept))
+    for layer_idx in range(num_layers):
+        fit_keys = np.asarray(keys[layer_idx], dtype=np.float64)
+        fit_values = np.asarray(values[layer_idx], dtype=np.float64)
+        if not (np.isfinite(fit_keys).all() and np.isfinite(fit_values).all()):
+            raise NumericalError(f"layer {layer_idx}: the patches hold NaN or inf")
+        rows = [fit_keys]
+        if generic is not None and preservation > 0 and len(generic[layer_idx]):
+            generic_rows = np.asarray(generic[layer_idx], dtype=np.float64)
+            rows.append(generic_rows * np.sqrt(preservation * count / len(generic_rows)))
+        inputs = np.concatenate(rows)  # [N + M, d_ff]
+        targets = np.zeros((len(inputs), d_model))
+        targets[:count] = fit_values
+        penalty = ridge * float(np.mean(np.einsum("ij,ij->i", fit_keys, fit_keys)))
+        if len(inputs) <= d_ff:
+            gram = inputs @ inputs.T + penalty * np.eye(len(inputs))
+            delta = np.linalg.solve(gram, targets).T @ inputs  # [d_model, d_ff]
+        else:
+            gram = inputs.T @ inputs + penalty * np.eye(d_ff)
+            delta = np.linalg.solve(gram, inputs.T @ targets).T
+        left, singular, right = np.linalg.svd(delta, full_matrices=False)
+        lora_B[layer_idx] = left[:, :kept] * singular[:kept]
+        lora_A[layer_idx] = right[:kept]
+    return DownProjectionPatch(lora_A=lora_A, lora_B=lora_B, ridge=ridge, preservation=preservation, pairs=count)
+
+
+# ---- applying and exporting ---------------------------------------------------------------------------
+
+
+class _DownProjectionTap(Tap):
+    def __init__(self, patch: DownProjectionPatch, dtype, device):
+        self.lora_A = torch.as_tensor(patch.lora_A, dtype=dtype, device=device)
+        self.lora_B = torch.as_tensor(patch.lora_B, dtype=dtype, device=device)
+
+    def down_output(self, layer_idx, inputs, output):
+        return output + (inputs @ self.lora_A[layer_idx].T) @ self.lora_B[layer_idx].T
+
+
+@contextmanager
+def applied(model: PreTrainedModel, patch: DownProjectionPatch, adapter: ArchitectureAdapter | None = None):
+    """Within the block the model runs with the patch at every position, as the exported LoRA adapter does."""
+    adapter = adapter or adapter_for(model)
+    _check_supported(adapter)
+    if patch.num_layers != adapter.num_layers(model):
+        raise BadInputError(f"the patch has {patch.num_layers} layers; the model has {adapter.num_layers(model)}")
+    with tapped(model, adapter, _DownProjectionTap(patch, model.dtype, model.device)):
+        yield
+
+
+def down_projection_names(model: PreTrainedModel, adapter: ArchitectureAdapter | None = None) -> list[str]:
+    adapter = adapter or adapter_for(model)
+    return [f"{adapter.layers}.{layer_idx}.{adapter.down_proj}" for layer_idx in range(adapter.num_layers(model))]
+
+
+def export_lora(model: PreTrainedModel, patch: DownProjectionPatch, directory: Path, *, base_model: str,
+                metadata: dict | None = None, adapter: ArchitectureAdapter | None = None) -> Path:
+    """Write a standard PEFT LoRA adapter on the down projections, without bias, into `directory`.
+
+    lora_alpha = r makes PEFT's scaling 1, so the stored tensors are the patch itself.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save
+
+    adapter = adapter or adapter_for(model)
+    _check_supported(adapter)
+    names = down_projection_names(model, adapter)
+    conv1d = type(model.get_submodule(names[0])).__name__ == "Conv1D"
+    if not isinstance(model.get_submodule(names[0]), nn.Linear) and not conv1d:
+        raise UnsupportedArchitectureError(f"down projection of type {type(model.get_submodule(names[0])).__name__}")
+    config = LoraConfig(r=patch.rank, lora_alpha=patch.rank, lora_dropout=0.0, target_modules=names,
+                        fan_in_fan_out=conv1d, bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model)
+    tensors = {}
+    for layer_idx, name in enumerate(names):
+        tensors[f"base_model.model.{name}.lora_A.weight"] = torch.as_tensor(patch.lora_A[layer_idx]).float()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.as_tensor(patch.lora_B[layer_idx]).float()
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(directory))
+    # Serialised in memory and written by Python, so that a failed write (a full disk) is an OSError.
+    payload = save({key: value.contiguous() for key, value in tensors.items()}, metadata={"format": "pt"})
+    with open(directory / ADAPTER_WEIGHTS_FILE, "wb") as weights:
+        weights.write(payload)
+        weights.flush()
+        os.fsync(weights.fileno())
+    (directory / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2, sort_keys=True) + "\n")
+    return directory
