@@ -1,190 +1,273 @@
-"""Consolidation fidelity against the number of calibration queries K (the paper's Figure 4, on a real model).
+"""Consolidation measured like model edits: does the model, given the adapter, say the fact?
 
-Each fact is one memory among three in a chat's system prompt, asked about by 20 paraphrased
-questions. Every chat is measured by the engine (the fact's exact patch at its query); for K = 1, 2,
-4, 8, 16 the static patch is fitted on the first K questions' patches and checked on the last four,
-which it never saw: the share of the context's effect (KL to the full-context prediction) that it
-recovers, applied at the query position only and at every position (the LoRA adapter), and how often
-the greedy next token is kept. At the largest K the bias and weight halves are also tried alone.
+The shipped facts (icldaemon/data/facts.json: names, codes, places, preferences, dates; 20
+paraphrased questions each) about one fictional user. For each fact, its memory sits among two
+others in a chat's system prompt. Retrievals of the fact's memory: its first 16 questions (relevant)
+and 8 questions about the two other memories (irrelevant: the memory is in the prompt but not asked
+about). Each retrieval gives the exact patch of removing the memory at every answer position of the
+model's own with-memory answer; the down-projection LoRA is fitted on them with a preservation term
+on the shipped neutral set. Checked on:
 
-    .venv/bin/python bench/bench_consolidation.py [--facts 4] [--plot bench/consolidation.png]
+- answer level: the last 4 questions, greedy 16-token answers naming the fact with the memory in
+  context, without it, and without it but with the adapter; the mean KL to the with-memory model over
+  the answer tokens; the next-token KL share (first answer token only, secondary);
+- specificity: the shipped neutral prompts: KL(base || adapted) at the next token, greedy next token
+  and 16-token continuation unchanged;
+- leak: 4 questions about the other memories, asked without this memory but with its adapter;
+- interference: each fact's held-out answers with its adapter stacked (deltas summed) with 1, 3 and
+  7 other facts' adapters;
+- the baseline: context distillation (a PEFT LoRA on the same modules at the same rank, trained with
+  AdamW on the same answer tokens), the same figures and its time, on the first `--distil-facts` facts.
+
+    .venv/bin/python bench/bench_consolidation.py [--facts 12] [--distil-facts 3] [--rank 4]
 """
 
 import argparse
 import platform
 import time
-from dataclasses import replace
+from dataclasses import asdict
 
 import numpy as np
+import torch
 
-from icldaemon.consolidate import RANK
-from icldaemon.engine.consolidation import (
-    RIDGE,
-    FidelityExample,
-    PatchSet,
-    fit_sequential_static_patch,
-    fit_static_patch,
-    measure_fidelity,
-    without_segments,
-)
+from icldaemon.data import load_facts, load_neutral
+from icldaemon.engine import answers, edit_figures
 from icldaemon.engine.loading import load_model
-from icldaemon.engine.measure import measure
 from icldaemon.engine.prompt import Memory, build_prompt
 from icldaemon.settings import load_settings
 
-CALIBRATION_SIZES = (1, 2, 4, 8, 16)
+SYSTEM = "You are a helpful assistant. Use what you remember about the user."
+FIT_QUESTIONS = 16
+IRRELEVANT_PER_OTHER = 4  # questions about each of the two other memories, with this memory in the prompt
 HELD_OUT = 4
-DISTRACTORS = ("The user's favourite colour is green.", "The user works night shifts at a bakery.")
-FACTS = {
-    "locker": ("The user's gym locker code is 4719.", [
-        "What is my gym locker code?", "Remind me of my locker code.", "Which code opens my gym locker?",
-        "I forgot my locker combination. What is it?", "Tell me the code for my locker.", "My locker code, please?",
-        "What numbers open my locker at the gym?", "Do you know my gym locker code?", "What was my locker code again?",
-        "Can you tell me the combination of my locker?", "How do I open my gym locker?", "Locker code?",
-        "What's the code on my locker?", "I need my locker code.", "Which combination did I set for my locker?",
-        "Give me my locker code.", "What is the combination for my gym locker?", "What code does my locker use?",
-        "Please remind me how to unlock my locker.", "Say my locker code.",
-    ]),
-    "sister": ("The user's sister is called Ingrid.", [
-        "What is my sister's name?", "What's my sister called?", "Remind me of my sister's name.",
-        "Who is my sister?", "Do you remember my sister's name?", "Tell me my sister's name.",
-        "My sister is called what?", "What do I call my sister?", "Name my sister.",
-        "What was my sister's name again?", "Can you tell me who my sister is?", "Sister's name?",
-        "What name does my sister have?", "Who's my sister?", "I forgot my sister's name. What is it?",
-        "How is my sister named?", "Please say my sister's name.", "What's the name of my sister?",
-        "Who is the user's sister?", "Which name does my sister go by?",
-    ]),
-    "city": ("The user lives in Porto.", [
-        "Where do I live?", "Which city do I live in?", "What is my home town?", "Remind me where I live.",
-        "Do you know where I live?", "In what city is my home?", "Where is my home?", "Tell me where I live.",
-        "Which city am I from?", "What city do I live in again?", "Where's my house?", "My city?",
-        "Where do I reside?", "Which town is my home?", "Name the city I live in.", "Where am I living now?",
-        "What city is home for me?", "Where is my flat?", "Can you say where I live?", "In which city do I live?",
-    ]),
-    "pet": ("The user has a grey cat called Miso.", [
-        "What is my cat's name?", "What's my cat called?", "Remind me of my cat's name.", "What pet do I have?",
-        "Do you know my cat's name?", "Tell me the name of my cat.", "My cat is called what?",
-        "What do I call my cat?", "Name my pet.", "What was my cat's name again?", "Which animal do I own?",
-        "Cat's name?", "What is my pet called?", "Who is my cat?", "I forgot my cat's name. What is it?",
-        "What colour is my cat?", "Please say my cat's name.", "What's the name of my pet?",
-        "What kind of pet do I keep?", "How is my cat named?",
-    ]),
-}
+LEAK_PER_OTHER = 2
+COMPANY = (1, 3, 7)
+# the goals of the consolidation issue
+GOAL_ANSWER_SHARE = 0.8  # of the with-memory rate, pooled
+GOAL_FACT_SHARE = 0.5  # no fact below this share of its with-memory rate
+GOAL_NEXT_TOKEN_UNCHANGED = 0.95
+GOAL_NEUTRAL_KL = 0.02  # nats
+GOAL_LEAK = 0.10
 
 
-def fact_examples(loaded, fact_key: str):
-    """Per question of one fact: its exact patch for the fact and the with/without token ids."""
-    content, questions = FACTS[fact_key]
-    memories = [Memory(DISTRACTORS[0], "colour", 1), Memory(content, fact_key, 2), Memory(DISTRACTORS[1], "work", 3)]
-    patches, examples = [], []
-    for question in questions:
-        prompt = build_prompt(loaded.tokenizer, messages=[{"role": "user", "content": question}], memories=memories)
-        measurement = measure(loaded.model, prompt, stride=len(prompt.input_ids))
-        segment = next(segment for segment in measurement.segments if segment.memory_id == 2)
-        patches.append(segment.ablation)
-        examples.append(FidelityExample(prompt.input_ids, without_segments(prompt, {segment.label})))
-    return patches, examples
+class Bench:
+    def __init__(self, loaded, facts):
+        self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer
+        self.facts = facts
+        self.stop = answers.stop_token_ids(self.model, self.tokenizer)
+
+    def memory(self, index: int) -> Memory:
+        fact = self.facts[index]
+        return Memory(content=fact.content, key=fact.key, id=index + 1)
+
+    def others(self, index: int) -> tuple[int, int]:
+        return (index + 1) % len(self.facts), (index + 2) % len(self.facts)
+
+    def prompt(self, question: str, memory_indices: list[int]):
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+        return build_prompt(self.tokenizer, messages=messages, memories=[self.memory(i) for i in memory_indices])
+
+    def retrievals(self, index: int) -> tuple[list, list, list]:
+        """(fit, held-out, leak) prompts for fact `index`: (with ids, without ids) pairs; leak: ids."""
+        fact, (first, second) = self.facts[index], self.others(index)
+        label = f"memory:{index + 1}"
+        fit, held_out, leaks = [], [], []
+        for question in fact.questions[:FIT_QUESTIONS]:
+            prompt = self.prompt(question, [index, first, second])
+            fit.append((prompt.input_ids, prompt.without({label})))
+        for other, company in ((first, second), (second, first)):
+            for question in self.facts[other].questions[:IRRELEVANT_PER_OTHER]:
+                prompt = self.prompt(question, [other, index, company])
+                fit.append((prompt.input_ids, prompt.without({label})))
+            for question in self.facts[other].questions[-LEAK_PER_OTHER:]:
+                leaks.append(self.prompt(question, [other, company]).input_ids)
+        for question in fact.questions[-HELD_OUT:]:
+            prompt = self.prompt(question, [index, first, second])
+            held_out.append((prompt.input_ids, prompt.without({label})))
+        return fit, held_out, leaks
+
+    def answer_patches(self, pairs) -> list:
+        result = []
+        for with_ids, without_ids in pairs:
+            answer = answers.greedy_answer(self.model, with_ids, answers.ANSWER_TOKENS, self.stop)
+            result.append(answers.answer_patch(self.model, with_ids, without_ids, answer))
+        return result
+
+    def figures(self, index: int, patch, held_out, leaks, baseline) -> dict:
+        fact = self.facts[index]
+        examples = [edit_figures.AnswerExample(w, wo, fact.said_in) for w, wo in held_out]
+        level = edit_figures.answer_figures(self.model, self.tokenizer, patch, examples, stop_ids=self.stop)
+        specific = edit_figures.specificity(self.model, patch, baseline, stop_ids=self.stop)
+        leaked = edit_figures.leak(self.model, self.tokenizer, patch, leaks, fact.said_in, stop_ids=self.stop)
+        return {**{k: v for k, v in asdict(level).items() if k != "answers"},
+                "answers": level.answers, "neutral": asdict(specific), "leak": leaked.rate,
+                "leak_examples": leaked.examples}
 
 
-def patch_set(ablations) -> PatchSet:
-    return PatchSet(np.stack([a.delta for a in ablations]), np.stack([a.a_tilde for a in ablations]),
-                    np.stack([a.bias_delta for a in ablations]))
-
-
-def run(facts: int = len(FACTS), rank: int = RANK, ridge: float = RIDGE, plot: str | None = None) -> dict:
-    settings = load_settings()
-    loaded = load_model(settings.model, models_dir=settings.models_dir, device="cpu", dtype="float32")
+def run(facts: int | None = None, distil_facts: int = 3, rank: int = answers.RANK, ridge: float = answers.RIDGE,
+        preservation: float = answers.PRESERVATION, distil_steps: int = 125, progress=print) -> dict:
+    torch.set_num_threads(torch.get_num_threads())
+    loaded = load_model(None, models_dir=load_settings().models_dir, device="cpu", dtype="float32")
+    all_facts = load_facts()
+    chosen = all_facts if facts is None else all_facts[:facts]
+    bench = Bench(loaded, all_facts)
     started = time.perf_counter()
-    per_fact = {}
-    for fact_key in list(FACTS)[:facts]:
-        patches, examples = fact_examples(loaded, fact_key)
-        train, train_examples, held_out = patches[:-HELD_OUT], examples[:-HELD_OUT], examples[-HELD_OUT:]
-        rows, sequential = {}, {}
-        for size in CALIBRATION_SIZES:
-            static = fit_static_patch(patch_set(train[:size]), rank=rank, ridge=ridge)
-            rows[size] = measure_fidelity(loaded.model, static, held_out)
-            layered = fit_sequential_static_patch(loaded.model, train_examples[:size], rank=rank, ridge=ridge)
-            sequential[size] = measure_fidelity(loaded.model, layered, held_out)
-            print(f"  {fact_key} K={size}: query {rows[size].recovered_query:.1%}, LoRA direct "
-                  f"{rows[size].recovered_all:.1%}, LoRA layer by layer {sequential[size].recovered_all:.1%}", flush=True)
-        largest = fit_static_patch(patch_set(train[: CALIBRATION_SIZES[-1]]), rank=rank, ridge=ridge)
-        rows["bias only"] = measure_fidelity(loaded.model, replace(largest, left=np.zeros_like(largest.left)), held_out)
-        rows["weight only"] = measure_fidelity(loaded.model, replace(largest, bias=np.zeros_like(largest.bias)),
-                                               held_out)
-        per_fact[fact_key] = (rows, sequential)
-    seconds = time.perf_counter() - started
+    neutral_prompts = [build_prompt(loaded.tokenizer, messages=chat).input_ids for chat in load_neutral()]
+    baseline = edit_figures.neutral_baseline(loaded.model, neutral_prompts, stop_ids=bench.stop)
+    generic = answers.generic_keys(loaded.model, neutral_prompts)
+    per_fact, adapters, held = {}, {}, {}
+    for index, fact in enumerate(chosen):
+        fit, held_out, leaks = bench.retrievals(index)
+        patch_started = time.perf_counter()
+        patches = bench.answer_patches(fit)
+        patch_seconds = time.perf_counter() - patch_started
+        fit_started = time.perf_counter()
+        adapter = answers.fit_answer_patches(patches, generic, rank=rank, ridge=ridge, preservation=preservation)
+        fit_seconds = time.perf_counter() - fit_started
+        row = bench.figures(index, adapter, held_out, leaks, baseline)
+        row.update(patch_seconds=patch_seconds, fit_seconds=fit_seconds, retrievals=len(fit),
+                   pairs=adapter.pairs, check=max(p.max_abs_log_prob_error for p in patches))
+        if index < distil_facts:
+            from icldaemon.engine.distillation import DistillationExample, distil
 
-    table = {}
-    for label in [*CALIBRATION_SIZES, "bias only", "weight only"]:
-        results = [rows[label] for rows, _ in per_fact.values()]
-        layered = [sequential[label] for _, sequential in per_fact.values() if label in sequential]
-        kl_without = np.mean([r.kl_without for r in results])
-        table[label] = {
-            "recovered_sequential": (float(1 - np.mean([r.kl_adapter_all for r in layered]) / kl_without)
-                                     if layered else None),
-            "greedy_sequential": float(np.mean([r.greedy_match_all for r in layered])) if layered else None,
-            "kl_without": float(kl_without),
-            "recovered_query": float(1 - np.mean([r.kl_adapter_query for r in results]) / kl_without),
-            "recovered_all": float(1 - np.mean([r.kl_adapter_all for r in results]) / kl_without),
-            "greedy_without": float(np.mean([r.greedy_match_without for r in results])),
-            "greedy_query": float(np.mean([r.greedy_match_query for r in results])),
-            "greedy_all": float(np.mean([r.greedy_match_all for r in results])),
+            distil_started = time.perf_counter()
+            distilled = distil(loaded.model, [DistillationExample(w, wo, p.answer_ids)
+                                              for (w, wo), p in zip(fit, patches, strict=True)],
+                               rank=rank, steps=distil_steps)
+            distil_seconds = time.perf_counter() - distil_started
+            row["distillation"] = {**bench.figures(index, distilled, held_out, leaks, baseline),
+                                   "seconds": distil_seconds}
+        per_fact[fact.key], adapters[index], held[index] = row, adapter, held_out
+        progress(f"  {fact.key}: with memory {row['with_memory_rate']:.0%}, without {row['without_memory_rate']:.0%}, "
+                 f"adapter {row['adapter_rate']:.0%}; neutral KL {row['neutral']['mean_kl']:.4f}, next token kept "
+                 f"{row['neutral']['next_token_unchanged']:.0%}; leak {row['leak']:.0%}; patches "
+                 f"{patch_seconds:.0f} s, fit {fit_seconds:.1f} s"
+                 + (f"; distillation adapter {row['distillation']['adapter_rate']:.0%} in "
+                    f"{row['distillation']['seconds']:.0f} s" if "distillation" in row else ""))
+    interference = {}
+    for company in COMPANY:
+        if company >= len(chosen):
+            continue
+        rates = []
+        for index in adapters:
+            stacked = adapters[index]
+            for offset in range(1, company + 1):
+                stacked = stacked + adapters[(index + offset) % len(chosen)]
+            fact = all_facts[index]
+            for with_ids, without_ids in held[index]:
+                with answers.applied(loaded.model, stacked):
+                    answer = answers.greedy_answer(loaded.model, without_ids, answers.ANSWER_TOKENS, bench.stop)
+                rates.append(fact.said_in(loaded.tokenizer.decode(answer, skip_special_tokens=True)))
+        interference[company] = float(np.mean(rates))
+    return {"model": loaded.name, "rank": rank, "ridge": ridge, "preservation": preservation,
+            "per_fact": per_fact, "interference": interference, "seconds": time.perf_counter() - started,
+            "neutral_prompts": len(neutral_prompts), "summary": summarise(per_fact)}
+
+
+def summarise(per_fact: dict) -> dict:
+    def pooled(rows, name):
+        return float(np.mean([row[name] for row in rows]))
+
+    rows = list(per_fact.values())
+    distilled = [row["distillation"] for row in rows if "distillation" in row]
+    ours_on_distilled = [row for row in rows if "distillation" in row]
+    summary = {
+        "facts": len(rows),
+        "with_memory_rate": pooled(rows, "with_memory_rate"),
+        "without_memory_rate": pooled(rows, "without_memory_rate"),
+        "adapter_rate": pooled(rows, "adapter_rate"),
+        "answer_kl_without": pooled(rows, "answer_kl_without"),
+        "answer_kl_adapter": pooled(rows, "answer_kl_adapter"),
+        "next_token_kl_share": pooled(rows, "next_token_kl_share"),
+        "neutral_kl": float(np.mean([row["neutral"]["mean_kl"] for row in rows])),
+        "next_token_unchanged": float(np.mean([row["neutral"]["next_token_unchanged"] for row in rows])),
+        "continuation_unchanged": float(np.mean([row["neutral"]["continuation_unchanged"] for row in rows])),
+        "leak": pooled(rows, "leak"),
+        "fit_seconds": float(np.mean([row["patch_seconds"] + row["fit_seconds"] for row in rows])),
+        "weakest_fact_share": min((row["adapter_rate"] / row["with_memory_rate"] for row in rows
+                                   if row["with_memory_rate"] > 0), default=float("nan")),
+    }
+    if distilled:
+        summary["distillation"] = {
+            "facts": len(distilled),
+            "adapter_rate": pooled(distilled, "adapter_rate"),
+            "ours_adapter_rate": pooled(ours_on_distilled, "adapter_rate"),
+            "neutral_kl": float(np.mean([row["neutral"]["mean_kl"] for row in distilled])),
+            "ours_neutral_kl": float(np.mean([row["neutral"]["mean_kl"] for row in ours_on_distilled])),
+            "next_token_unchanged": float(np.mean([row["neutral"]["next_token_unchanged"] for row in distilled])),
+            "leak": pooled(distilled, "leak"),
+            "seconds": float(np.mean([row["seconds"] for row in distilled])),
+            "ours_seconds": float(np.mean([row["patch_seconds"] + row["fit_seconds"] for row in ours_on_distilled])),
         }
-    if plot:
-        _plot(table, plot)
-    return {"model": loaded.name, "facts": list(per_fact), "rank": rank, "ridge": ridge, "held_out": HELD_OUT,
-            "table": table, "seconds": seconds}
-
-
-def _plot(table: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = list(CALIBRATION_SIZES)
-    figure, axis = plt.subplots(figsize=(6, 4))
-    axis.plot(sizes, [table[k]["recovered_query"] for k in sizes], "o-", label="static patch at the query position")
-    axis.plot(sizes, [table[k]["recovered_all"] for k in sizes], "s--", label="direct fit at every position")
-    axis.plot(sizes, [table[k]["recovered_sequential"] for k in sizes], "^-",
-              label="LoRA adapter: layer-by-layer fit, every position")
-    axis.axhline(0, color="grey", linewidth=0.8)
-    axis.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
-    axis.set_xscale("log", base=2)
-    axis.set_xticks(sizes, [str(k) for k in sizes])
-    axis.set_xlabel("calibration queries K")
-    axis.set_ylabel("share of the context's effect recovered\n(held-out queries, 1 - KL ratio)")
-    axis.set_title("Consolidated memory patches, SmolLM2-135M-Instruct")
-    axis.legend(loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    return summary
 
 
 def print_report(result: dict) -> None:
-    print(f"consolidation fidelity: {result['model']}, facts {', '.join(result['facts'])}, rank {result['rank']}, "
-          f"ridge {result['ridge']}, {result['held_out']} held-out paraphrases per fact, "
+    summary = result["summary"]
+    print(f"consolidation: {result['model']}, {summary['facts']} facts, rank {result['rank']}, ridge "
+          f"{result['ridge']}, preservation {result['preservation']}, {result['neutral_prompts']} neutral prompts, "
           f"{platform.processor() or platform.machine()}, {result['seconds']:.0f} s")
-    print("recovered: share of the context's effect (KL) recovered on held-out paraphrases; query: direct fit at the "
-          "query position; direct: the same patch at every position; LoRA: layer-by-layer fit at every position "
-          "(what `icldaemon consolidate` exports)")
-    print(f"{'K':>12}  {'KL without':>10}  {'query':>7}  {'direct':>7}  {'LoRA':>7}  "
-          f"{'greedy kept: without / query / LoRA':>36}")
-    for label, row in result["table"].items():
-        sequential = "-" if row["recovered_sequential"] is None else f"{row['recovered_sequential']:.1%}"
-        greedy = "-" if row["greedy_sequential"] is None else f"{row['greedy_sequential']:.0%}"
-        print(f"{label!s:>12}  {row['kl_without']:>10.4f}  {row['recovered_query']:>7.1%}  {row['recovered_all']:>7.1%}"
-              f"  {sequential:>7}  {row['greedy_without']:>14.0%} / {row['greedy_query']:>4.0%} / {greedy:>4}")
+    print("answer rates: held-out questions whose greedy 16-token answer names the fact (with the memory / without it "
+          "/ without it, with the adapter); KL: mean over the with-memory answer's tokens; neutral: KL(base || "
+          "adapted) at the next token and greedy next token kept; leak: questions about other memories answered "
+          "with this fact")
+    print(f"{'fact':>18}  {'with':>5} {'without':>7} {'adapter':>7}  {'KL w/o':>7} {'KL adapter':>10}  "
+          f"{'neutral KL':>10} {'kept':>5} {'cont.':>5}  {'leak':>5}  {'check':>7}  {'s':>4}  distillation")
+    for key, row in result["per_fact"].items():
+        distilled = row.get("distillation")
+        baseline = (f"adapter {distilled['adapter_rate']:.0%}, neutral KL {distilled['neutral']['mean_kl']:.4f}, "
+                    f"kept {distilled['neutral']['next_token_unchanged']:.0%}, leak {distilled['leak']:.0%}, "
+                    f"{distilled['seconds']:.0f} s" if distilled else "-")
+        print(f"{key:>18}  {row['with_memory_rate']:>5.0%} {row['without_memory_rate']:>7.0%} "
+              f"{row['adapter_rate']:>7.0%}  {row['answer_kl_without']:>7.3f} {row['answer_kl_adapter']:>10.3f}  "
+              f"{row['neutral']['mean_kl']:>10.4f} {row['neutral']['next_token_unchanged']:>5.0%} "
+              f"{row['neutral']['continuation_unchanged']:>5.0%}  {row['leak']:>5.0%}  {row['check']:>7.1e}  "
+              f"{row['patch_seconds'] + row['fit_seconds']:>4.0f}  {baseline}")
+    print(f"pooled: with memory {summary['with_memory_rate']:.0%}, without {summary['without_memory_rate']:.0%}, "
+          f"adapter {summary['adapter_rate']:.0%} ({summary['adapter_rate'] / summary['with_memory_rate']:.0%} of the "
+          f"with-memory rate; weakest fact {summary['weakest_fact_share']:.0%}); answer KL {summary['answer_kl_without']:.3f}"
+          f" -> {summary['answer_kl_adapter']:.3f}; next-token KL share {summary['next_token_kl_share']:.0%}; neutral "
+          f"KL {summary['neutral_kl']:.4f}, next token kept {summary['next_token_unchanged']:.0%}, continuation kept "
+          f"{summary['continuation_unchanged']:.0%}; leak {summary['leak']:.0%}; {summary['fit_seconds']:.0f} s per "
+          f"fact (patches and fit)")
+    if result["interference"]:
+        print("interference: held-out answers naming the fact with its adapter stacked with k others: " + ", ".join(
+            f"k={k}: {rate:.0%}" for k, rate in result["interference"].items()))
+    distilled = summary.get("distillation")
+    if distilled:
+        print(f"context distillation on {distilled['facts']} facts: adapter {distilled['adapter_rate']:.0%} (ours "
+              f"{distilled['ours_adapter_rate']:.0%}), neutral KL {distilled['neutral_kl']:.4f} (ours "
+              f"{distilled['ours_neutral_kl']:.4f}), next token kept {distilled['next_token_unchanged']:.0%}, leak "
+              f"{distilled['leak']:.0%}; {distilled['seconds']:.0f} s per fact against {distilled['ours_seconds']:.0f} s "
+              f"({distilled['seconds'] / distilled['ours_seconds']:.1f}x)")
+    goals = [
+        ("adapter rate >= 80% of the with-memory rate, pooled",
+         summary["adapter_rate"] >= GOAL_ANSWER_SHARE * summary["with_memory_rate"]),
+        ("no fact below half its with-memory rate", summary["weakest_fact_share"] >= GOAL_FACT_SHARE),
+        ("greedy next token kept on >= 95% of neutral prompts", summary["next_token_unchanged"] >= GOAL_NEXT_TOKEN_UNCHANGED),
+        ("mean neutral KL <= 0.02 nats", summary["neutral_kl"] <= GOAL_NEUTRAL_KL),
+        ("leak <= 10%", summary["leak"] <= GOAL_LEAK),
+    ]
+    if distilled:
+        goals += [
+            ("answer level at least distillation's", distilled["ours_adapter_rate"] >= distilled["adapter_rate"]),
+            ("neutral KL at most distillation's", distilled["ours_neutral_kl"] <= distilled["neutral_kl"]),
+            ("a tenth of distillation's time or less", distilled["ours_seconds"] * 10 <= distilled["seconds"]),
+        ]
+    for name, met in goals:
+        print(f"  goal {'met   ' if met else 'MISSED'}  {name}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--facts", type=int, default=len(FACTS), help=f"how many facts (at most {len(FACTS)})")
-    parser.add_argument("--rank", type=int, default=RANK)
-    parser.add_argument("--ridge", type=float, default=RIDGE)
-    parser.add_argument("--plot", help="write the figure to this PNG")
+    parser.add_argument("--facts", type=int, help="how many of the shipped facts (default: all)")
+    parser.add_argument("--distil-facts", type=int, default=3, help="facts on which context distillation also runs")
+    parser.add_argument("--distil-steps", type=int, default=125)
+    parser.add_argument("--rank", type=int, default=answers.RANK)
+    parser.add_argument("--ridge", type=float, default=answers.RIDGE)
+    parser.add_argument("--preservation", type=float, default=answers.PRESERVATION)
     args = parser.parse_args()
-    print_report(run(args.facts, args.rank, args.ridge, args.plot))
+    print_report(run(args.facts, args.distil_facts, args.rank, args.ridge, args.preservation, args.distil_steps))
 
 
 if __name__ == "__main__":

@@ -165,14 +165,12 @@ def cmd_consolidate(args, settings: Settings) -> int:
     from icldaemon.engine.loading import load_model
     from icldaemon.store.database import database_url
 
-    defaults = ConsolidationSettings()
-    request = ConsolidationRequest(
+    request = ConsolidationRequest.from_settings(
+        ConsolidationSettings(),
         scope=args.scope or ("memory" if args.memory_id is not None else
-                             "session" if args.session_id is not None else defaults.scope),
-        memory_id=args.memory_id, session_id=args.session_id,
-        rank=defaults.rank if args.rank is None else args.rank,
-        min_patches=defaults.min_patches if args.min_patches is None else args.min_patches,
-        ridge=defaults.ridge if args.ridge is None else args.ridge, held_out=defaults.held_out,
+                             "session" if args.session_id is not None else None),
+        memory_id=args.memory_id, session_id=args.session_id, rank=args.rank, min_patches=args.min_patches,
+        ridge=args.ridge, preservation=args.preservation,
     )
     loaded = load_model(settings.model, models_dir=settings.models_dir, device=settings.device, dtype=settings.dtype)
     with database_url(settings) as url:
@@ -180,13 +178,13 @@ def cmd_consolidate(args, settings: Settings) -> int:
     for record in records:
         print(describe(record))
     if not records:
-        print(f"no {request.scope} has {request.min_patches} new patches of {loaded.name} yet")
+        print(f"no {request.scope} has {request.min_patches} new answer patches of {loaded.name} yet")
     return 0
 
 
 def cmd_adapters(args, settings: Settings) -> int:
-    from icldaemon.consolidate import list_adapters
     from icldaemon.store import queue
+    from icldaemon.store.adapters import list_adapters
     from icldaemon.store.database import database_url
 
     with database_url(settings) as url, queue.connect(url) as connection:
@@ -195,17 +193,30 @@ def cmd_adapters(args, settings: Settings) -> int:
         print("no adapters yet")
         return 0
 
-    def share(value):
-        return "    -" if value is None else f"{value:5.0%}"
+    def share(value, width=5):
+        return "-".rjust(width) if value is None else f"{value:{width}.0%}"
 
-    print(f"{'id':>5}  {'scope':<20} {'v':>3} {'rank':>4} {'fit':>4} {'held':>4}  {'query':>5} {'LoRA':>5} "
-          f"{'greedy':>6}  path")
+    def nats(value):
+        return "      -" if value is None else f"{value:7.4f}"
+
+    print(f"{'id':>5}  {'scope':<20} {'v':>3} {'status':<9} {'rank':>4} {'fit':>4} {'held':>4}  "
+          f"{'with':>5} {'w/o':>5} {'LoRA':>5}  {'neutral':>7} {'kept':>5} {'leak':>5}  path")
     for row in rows:
-        print(f"{row['id']:>5}  {row['scope_key']:<20} {row['version']:>3} {row['rank']:>4} {row['patch_count']:>4} "
-              f"{row['held_out_count']:>4}  {share(row['recovered_query'])} {share(row['recovered_all'])} "
-              f"{share(row['greedy_match_all']):>6}  {row['path']}")
-    print("query / LoRA: share of the context's effect (KL) recovered on held-out queries with the static patch at the"
-          " query position / at every position; greedy: held-out queries whose next token the LoRA adapter keeps")
+        status = row["status"] + ("*" if row["current"] else "")
+        if row["method"] != "down_projection":
+            figures = f"{'(' + row['method'] + ', recovered ' + share(row['recovered_all']).strip() + ')':<49}"
+        else:
+            figures = (f"{share(row['with_memory_rate'])} {share(row['without_memory_rate'])} "
+                       f"{share(row['adapter_rate'])}  {nats(row['neutral_kl'])} "
+                       f"{share(row['neutral_next_token_unchanged'])} {share(row['leak_rate'])}")
+        print(f"{row['id']:>5}  {row['scope_key']:<20} {row['version']:>3} {status:<9} {row['rank']:>4} "
+              f"{row['patch_count']:>4} {row['held_out_count']:>4}  {figures}  {row['path']}")
+        if row["status_reason"]:
+            print(f"{'':>7}rejected: {row['status_reason']}")
+    print("with / w/o / LoRA: held-out answers naming the memory's fact with the memory in context, without it, without "
+          "it but with the adapter; neutral: mean KL(base || adapted) at the next token of the shipped neutral prompts, "
+          "nats; kept: their greedy next token unchanged; leak: irrelevant held-out questions answered with the fact; "
+          "*: the current version (the newest accepted)")
     return 0
 
 
@@ -282,18 +293,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(handler=cmd_status)
 
     consolidate = commands.add_parser(
-        "consolidate", help="fit the stored patches of memories (or sessions) into PEFT LoRA adapters")
+        "consolidate", help="fit the stored answer patches of memories (or sessions) into PEFT LoRA adapters")
     consolidate.add_argument("--memory-id", type=int, help="only this memory")
     consolidate.add_argument("--session-id", help="only this session (a UUID)")
     consolidate.add_argument("--scope", choices=["memory", "session", "all"],
                              help="what one adapter covers (default: ICLD_CONSOLIDATE_SCOPE, else memory)")
     consolidate.add_argument("--rank", type=int, help="LoRA rank (default: ICLD_CONSOLIDATE_RANK, else 4)")
     consolidate.add_argument("--min-patches", type=int,
-                             help="new patches a group needs (default: ICLD_CONSOLIDATE_MIN_PATCHES, else 8)")
-    consolidate.add_argument("--ridge", type=float, help="ridge lambda as a share of the mean squared input norm")
+                             help="new retrievals a group needs (default: ICLD_CONSOLIDATE_MIN_PATCHES, else 8)")
+    consolidate.add_argument("--ridge", type=float, help="ridge lambda as a share of the mean squared key norm")
+    consolidate.add_argument("--preservation", type=float,
+                             help="weight of the shipped neutral prompts against the retrievals in the fit")
     consolidate.set_defaults(handler=cmd_consolidate)
 
-    adapters = commands.add_parser("adapters", help="list the adapter versions with their fidelity")
+    adapters = commands.add_parser("adapters", help="list the adapter versions with their status and figures")
     adapters.add_argument("--limit", type=int, default=50, help="how many, newest first (default 50)")
     adapters.set_defaults(handler=cmd_adapters)
 

@@ -1,18 +1,23 @@
-"""Consolidation: a group's stored rank-1 patches become a PEFT LoRA adapter version with measured fidelity.
+"""Consolidation: a group's answer-position patches become a down-projection LoRA adapter, checked like an edit.
 
 A group is one memory ("memory:12"), one session ("session:<uuid>") or everything ("all") of the
-loaded model and weights revision. When a group has at least `min_patches` patches that no adapter
-of it has used, all its patches are split by age: the newest `held_out` share is kept out of the fit
-and its queries measure the fidelity (DESIGN.md §1); the rest are fitted: directly (the steering patch,
-for the query position) and layer by layer at every position (the LoRA adapter). The adapter directory is
-written under a temporary name and renamed into place, then listed in `adapters` in one transaction
-with the patches it used; a directory that is not listed there is never a finished adapter.
+loaded model, weights revision and method version. When a group has at least `min_patches` answer
+patches (retrievals) that no adapter of it has used, they are split by age: the newest `held_out`
+share is kept out of the fit. The rest, relevant retrievals and irrelevant ones alike, are fitted into
+a LoRA on the down projections with a preservation term on the shipped neutral prompts
+(docs/method.md §7). The held-out retrievals, rebuilt from the database, measure it like a model edit:
+answer level, the answer tokens' KL, specificity on the neutral prompts, leak. A quality gate accepts
+or rejects the version; a rejected version is listed with its reason and never current.
+
+The adapter directory is written under a temporary name and renamed into place, then listed in
+`adapters` in one transaction with the patches it used; a directory that is not listed there is never a
+finished adapter.
 """
 
-import json
 import math
 import re
 import shutil
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,37 +29,31 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from icldaemon.assembly import assemble_prompt
+from icldaemon.data import load_neutral
+from icldaemon.engine import answers, edit_figures
 from icldaemon.engine.adapters import adapter_for
-from icldaemon.engine.consolidation import (
-    RIDGE,
-    Fidelity,
-    FidelityExample,
-    PatchSet,
-    export_lora,
-    fit_sequential_static_patch,
-    fit_static_patch,
-    measure_fidelity,
-    without_segments,
-)
 from icldaemon.engine.loading import LoadedModel
+from icldaemon.engine.prompt import build_prompt
 from icldaemon.engine.result import METHOD_VERSION
 from icldaemon.exceptions import BadInputError, ConsolidationError, IcldaemonError
 from icldaemon.logs import get_logger
+from icldaemon.store import adapters as store
 from icldaemon.store import queue
-from icldaemon.store.database import translate_errors
-from icldaemon.store.queries import load_queries
 
 SCOPES = ("memory", "session", "all")
-RANK = 4  # rank of the LoRA adapter
-MIN_PATCHES = 8  # new patches a group needs before a new adapter version is fitted
-HELD_OUT = 0.25  # share of a group's patches (the newest) kept out of the fit to measure fidelity
+METHOD = "down_projection"
+MIN_PATCHES = 8  # new retrievals a group needs before a new adapter version is fitted
+HELD_OUT = 0.25  # share of a group's retrievals (the newest) kept out of the fit to check the adapter
 INTERVAL_MINUTES = 60.0  # minutes between scheduled consolidations
-
-QUERIES = load_queries()
+# the quality gate
+MIN_ANSWER_SHARE = 0.5  # adapter answer rate at least this share of the with-memory rate on held-out questions
+MIN_NEXT_TOKEN_UNCHANGED = 0.9  # share of neutral prompts whose greedy next token the adapter keeps
+MAX_NEUTRAL_KL = 0.05  # nats, mean KL(base || adapted) at the next token of the neutral prompts
+MAX_LEAK = 0.25  # share of irrelevant held-out questions whose adapted answer says the fact
 
 
 class ConsolidationSettings(BaseSettings):
-    """The scheduled consolidation (ICLD_CONSOLIDATE_...)."""
+    """The scheduled consolidation and its quality gate (ICLD_CONSOLIDATE_...)."""
 
     model_config = SettingsConfigDict(env_prefix="ICLD_CONSOLIDATE_", env_file=None, extra="ignore")
 
@@ -63,10 +62,45 @@ class ConsolidationSettings(BaseSettings):
     cron: str | None = Field(default=None, description="A crontab expression (UTC) used instead of the interval, "
                                                        "for example '0 3 * * *'.")
     scope: Literal["memory", "session", "all"] = Field(default="memory", description="What one adapter covers.")
-    rank: int = Field(default=RANK, ge=1, description="Rank of the LoRA adapters.")
-    min_patches: int = Field(default=MIN_PATCHES, ge=2, description="New patches a group needs for a new version.")
-    ridge: float = Field(default=RIDGE, ge=0, description="Ridge lambda as a share of the mean squared input norm.")
-    held_out: float = Field(default=HELD_OUT, gt=0, lt=1, description="Share of patches held out for fidelity.")
+    rank: int = Field(default=answers.RANK, ge=1, description="Rank of the LoRA adapters.")
+    min_patches: int = Field(default=MIN_PATCHES, ge=2, description="New retrievals a group needs for a new version.")
+    ridge: float = Field(default=answers.RIDGE, gt=0, description="Ridge lambda as a share of the mean squared key.")
+    preservation: float = Field(default=answers.PRESERVATION, ge=0,
+                                description="Weight of the neutral prompts against the retrievals in the fit.")
+    held_out: float = Field(default=HELD_OUT, gt=0, lt=1, description="Share of retrievals held out to check.")
+    min_answer_share: float = Field(default=MIN_ANSWER_SHARE, ge=0,
+                                    description="Gate: adapter answer rate over the with-memory rate, at least.")
+    min_next_token_unchanged: float = Field(default=MIN_NEXT_TOKEN_UNCHANGED, ge=0, le=1,
+                                            description="Gate: neutral prompts' greedy next token kept, at least.")
+    max_neutral_kl: float = Field(default=MAX_NEUTRAL_KL, ge=0, description="Gate: mean neutral KL, nats, at most.")
+    max_leak: float = Field(default=MAX_LEAK, ge=0, le=1, description="Gate: leak rate, at most.")
+
+
+@dataclass(frozen=True)
+class QualityGate:
+    min_answer_share: float = MIN_ANSWER_SHARE
+    min_next_token_unchanged: float = MIN_NEXT_TOKEN_UNCHANGED
+    max_neutral_kl: float = MAX_NEUTRAL_KL
+    max_leak: float = MAX_LEAK
+
+    def verdict(self, level: edit_figures.AnswerFigures | None, neutral: edit_figures.Specificity,
+                leak: edit_figures.Leak) -> str | None:
+        """None when the version passes, else the reason it does not."""
+        if level is None or level.with_memory_rate == 0:
+            return "no held-out question's answer used the memory: nothing to check the adapter against"
+        share = level.adapter_rate / level.with_memory_rate
+        reasons = []
+        if share < self.min_answer_share:
+            reasons.append(f"answers name the fact {level.adapter_rate:.0%} of the time with the adapter against "
+                           f"{level.with_memory_rate:.0%} with the memory ({share:.0%} < {self.min_answer_share:.0%})")
+        if neutral.next_token_unchanged < self.min_next_token_unchanged:
+            reasons.append(f"neutral prompts' next token kept {neutral.next_token_unchanged:.0%} < "
+                           f"{self.min_next_token_unchanged:.0%}")
+        if neutral.mean_kl > self.max_neutral_kl:
+            reasons.append(f"neutral KL {neutral.mean_kl:.4f} > {self.max_neutral_kl} nats")
+        if leak.examples and leak.rate > self.max_leak:
+            reasons.append(f"leak {leak.rate:.0%} > {self.max_leak:.0%}")
+        return "; ".join(reasons) or None
 
 
 @dataclass(frozen=True)
@@ -74,10 +108,12 @@ class ConsolidationRequest:
     scope: str = "memory"
     memory_id: int | None = None
     session_id: str | None = None
-    rank: int = RANK
+    rank: int = answers.RANK
     min_patches: int = MIN_PATCHES
-    ridge: float = RIDGE
+    ridge: float = answers.RIDGE
+    preservation: float = answers.PRESERVATION
     held_out: float = HELD_OUT
+    gate: QualityGate = QualityGate()
 
     def __post_init__(self):
         if self.scope not in SCOPES:
@@ -90,13 +126,21 @@ class ConsolidationRequest:
             raise BadInputError(f"rank must be at least 1, got {self.rank}")
         if self.min_patches < 2:
             raise BadInputError(f"min_patches must be at least 2 (one to fit, one held out), got {self.min_patches}")
+        if self.ridge <= 0:
+            raise BadInputError(f"ridge must be positive, got {self.ridge}")
+        if self.preservation < 0:
+            raise BadInputError(f"preservation must not be negative, got {self.preservation}")
         if not 0 < self.held_out < 1:
             raise BadInputError(f"held_out must be between 0 and 1, got {self.held_out}")
 
     @classmethod
-    def from_settings(cls, settings: ConsolidationSettings) -> "ConsolidationRequest":
-        return cls(scope=settings.scope, rank=settings.rank, min_patches=settings.min_patches,
-                   ridge=settings.ridge, held_out=settings.held_out)
+    def from_settings(cls, settings: ConsolidationSettings, **overrides) -> "ConsolidationRequest":
+        gate = QualityGate(settings.min_answer_share, settings.min_next_token_unchanged, settings.max_neutral_kl,
+                           settings.max_leak)
+        values = dict(scope=settings.scope, rank=settings.rank, min_patches=settings.min_patches,
+                      ridge=settings.ridge, preservation=settings.preservation, held_out=settings.held_out, gate=gate)
+        values.update({name: value for name, value in overrides.items() if value is not None})
+        return cls(**values)
 
     @property
     def scope_key(self) -> str | None:
@@ -116,17 +160,19 @@ class AdapterRecord:
     path: Path
     patch_count: int
     held_out_count: int
-    fidelity: Fidelity | None
+    status: str
+    status_reason: str | None
+    answer: edit_figures.AnswerFigures | None
+    neutral: edit_figures.Specificity
+    leak: edit_figures.Leak
+    fit_seconds: float
 
 
 @dataclass
-class _StoredPatch:
-    run_id: int
-    memory_id: int
-    prompt_id: int
-    delta: np.ndarray  # [num_layers, d_model]
-    a_tilde: np.ndarray
-    bias_delta: np.ndarray
+class _HeldOut:
+    examples: list[edit_figures.AnswerExample]  # retrievals whose with-memory answer used the memory
+    leak_prompts: list[list[int]]  # retrievals whose answer did not: the prompt without the memory
+    fact_words: frozenset[str]  # what the memory added to its relevant answers, over all of them
 
 
 def _slug(value: str) -> str:
@@ -137,178 +183,170 @@ def _finite_or_none(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-class Consolidator:
-    """Fits and writes adapter versions for one loaded model against one database."""
+def _question(messages: list | None, text: str | None) -> str:
+    if text is not None:
+        return text
+    return "\n".join(str(message.get("content", "")) for message in messages or [] if isinstance(message, dict))
 
+
+class Consolidator:
     def __init__(self, url: str, loaded: LoadedModel, adapters_dir: Path):
-        self.url, self.loaded, self.adapters_dir = url, loaded, Path(adapters_dir)
+        self.url, self.loaded, self.adapters_dir = url, loaded, adapters_dir
         self.adapter = adapter_for(loaded.model)
         self.num_layers = self.adapter.num_layers(loaded.model)
         self.d_model = loaded.model.config.hidden_size
+        self.key = store.GroupKey(loaded.name, loaded.revision or None, METHOD_VERSION)
+        self.stop = answers.stop_token_ids(loaded.model, loaded.tokenizer)
         self.log = get_logger(model=loaded.name)
+        self._neutral: tuple[list[np.ndarray], edit_figures.NeutralBaseline] | None = None
 
-    def _model_parameters(self) -> dict:
-        # patches of another method version describe other prompts: they never mix in one adapter
-        return {"model": self.loaded.name, "model_revision": self.loaded.revision or None,
-                "method_version": METHOD_VERSION}
+    def neutral(self) -> tuple[list[np.ndarray], edit_figures.NeutralBaseline]:
+        """The shipped neutral prompts' keys (for the preservation term) and base behaviour, computed once."""
+        if self._neutral is None:
+            prompts = []
+            for chat in load_neutral():
+                try:
+                    prompts.append(build_prompt(self.loaded.tokenizer, messages=chat).input_ids)
+                except (BadInputError, ValueError):  # a tokenizer without a chat template: the text alone
+                    prompts.append(self.loaded.tokenizer(chat[-1]["content"])["input_ids"])
+            self._neutral = (answers.generic_keys(self.loaded.model, prompts, adapter=self.adapter),
+                             edit_figures.neutral_baseline(self.loaded.model, prompts, stop_ids=self.stop))
+        return self._neutral
 
     # --- which groups
 
     def groups(self, connection: psycopg.Connection, request: ConsolidationRequest) -> list[tuple[str, int, int]]:
         """(scope_key, patches, new patches) of every group due for a new version."""
-        parameters = {**self._model_parameters(), "scope": request.scope, "scope_key": request.scope_key,
-                      "min_patches": request.min_patches}
-        with translate_errors(self.url, "finding patches to consolidate"):
-            rows = connection.execute(QUERIES["scope_groups"], parameters).fetchall()
-            connection.commit()
+        rows = store.due_groups(connection, self.key, scope=request.scope, scope_key=request.scope_key,
+                                min_patches=request.min_patches)
         if request.scope_key is not None and not rows:
             raise BadInputError(self._why_not_due(connection, request))
-        return [(row[0], row[1], row[2]) for row in rows]
+        return rows
 
     def _why_not_due(self, connection: psycopg.Connection, request: ConsolidationRequest) -> str:
-        parameters = {**self._model_parameters(), "scope": request.scope, "scope_key": request.scope_key,
-                      "min_patches": 0}
-        with translate_errors(self.url, "counting patches"):
-            counted = connection.execute(QUERIES["scope_groups"], parameters).fetchone()
-            others = (connection.execute(QUERIES["patch_models"], {"memory_id": request.memory_id}).fetchall()
-                      if request.memory_id is not None else [])
-            connection.commit()
+        counted = store.due_groups(connection, self.key, scope=request.scope, scope_key=request.scope_key,
+                                   min_patches=0)
         model = f"model {self.loaded.name} (weights {self.loaded.revision or 'unknown'})"
-        if counted is None:
+        if not counted:
+            others = store.models_of_memory(connection, request.memory_id) if request.memory_id is not None else []
             elsewhere = [f"{patches} of {name} (weights {revision or 'unknown'})" for name, revision, patches in others]
-            return (f"{request.scope_key} has no patches of {model}"
-                    + (f"; it has {', '.join(elsewhere)}" if elsewhere else ""))
-        return (f"{request.scope_key} has {counted[2]} new patches of {model} ({counted[1]} in all); at least "
+            return (f"{request.scope_key} has no answer patches of {model}"
+                    + (f"; it has {', '.join(elsewhere)}" if elsewhere else "")
+                    + " (answer patches are recorded while ICLD_ANSWER_TOKENS is above 0)")
+        _, patches, new = counted[0]
+        return (f"{request.scope_key} has {new} new answer patches of {model} ({patches} in all); at least "
                 f"{request.min_patches} are needed (--min-patches)")
 
     # --- one group
 
-    def _load_patches(self, connection: psycopg.Connection, request: ConsolidationRequest,
-                      scope_key: str) -> list[_StoredPatch]:
-        parameters = {**self._model_parameters(), "scope": request.scope, "scope_key": scope_key}
-        with translate_errors(self.url, f"reading the patches of {scope_key}"):
-            rows = connection.execute(QUERIES["scope_patches"], parameters).fetchall()
-            connection.commit()
-        patches = []
-        for run_id, memory_id, prompt_id, num_layers, d_model, delta, a_tilde, bias_delta in rows:
-            if (num_layers, d_model) != (self.num_layers, self.d_model):
-                raise BadInputError(
-                    f"the patch of memory {memory_id} in run {run_id} has {num_layers} layers x {d_model}; the model "
-                    f"{self.loaded.name} has {self.num_layers} x {self.d_model}"
-                )
-            factors = []
-            for name, raw in (("delta", delta), ("a_tilde", a_tilde), ("bias_delta", bias_delta)):
-                if len(raw) != num_layers * d_model * 4:
-                    raise BadInputError(f"the {name} of memory {memory_id} in run {run_id} has {len(raw)} bytes, "
-                                        f"expected {num_layers * d_model * 4} (float32 [{num_layers}, {d_model}])")
-                values = np.frombuffer(raw, dtype="<f4").reshape(num_layers, d_model)
-                if not np.isfinite(values).all():
-                    raise ConsolidationError(f"the stored {name} of memory {memory_id} in run {run_id} holds NaN or "
-                                             "inf; delete that patch or consolidate without it")
-                factors.append(values)
-            patches.append(_StoredPatch(run_id, memory_id, prompt_id, *factors))
-        return patches
-
-    def _examples(self, connection: psycopg.Connection, held_out: list[_StoredPatch]) -> list[FidelityExample]:
-        examples = []
+    def _held_out(self, connection: psycopg.Connection, held_out: list[store.StoredAnswerPatch]) -> _HeldOut:
+        decode = lambda ids: self.loaded.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        relevant, irrelevant, all_words = [], [], set()
         for patch in held_out:
-            with translate_errors(self.url, f"reading prompt {patch.prompt_id}"):
-                messages, text = connection.execute(QUERIES["prompt_source"], {"prompt_id": patch.prompt_id}).fetchone()
-                connection.commit()
+            messages, text = store.prompt_source(connection, patch.prompt_id)
             retrievals = queue.retrievals(connection, patch.prompt_id)
             try:
                 prompt = assemble_prompt(self.loaded.tokenizer, self.loaded.model, messages=messages, text=text,
                                          retrievals=retrievals)
             except BadInputError as exc:
-                self.log.warning("fidelity_example_skipped", run_id=patch.run_id, error=str(exc))
+                self.log.warning("held_out_skipped", run_id=patch.run_id, error=str(exc))
                 continue
             label = f"memory:{patch.memory_id}"
             if label not in {segment.label for segment in prompt.segments}:
-                self.log.warning("fidelity_example_skipped", run_id=patch.run_id, error=f"{label} is not in the prompt")
+                self.log.warning("held_out_skipped", run_id=patch.run_id, error=f"{label} is not in the prompt")
                 continue
-            examples.append(FidelityExample(prompt.input_ids, without_segments(prompt, {label})))
-        return examples
+            without_ids = prompt.without({label})
+            content = next(r.content for r in retrievals if r.memory_id == patch.memory_id) or ""
+            without_answer = answers.greedy_answer(self.loaded.model, without_ids, len(patch.answer_ids), self.stop)
+            words = edit_figures.fact_words(content, decode(patch.answer_ids), question=_question(messages, text),
+                                            without_answer=decode(without_answer))
+            if words:
+                all_words |= words
+                relevant.append(edit_figures.AnswerExample(prompt.input_ids, without_ids, edit_figures.says_any(words),
+                                                           with_answer_ids=patch.answer_ids))
+            else:
+                irrelevant.append(without_ids)
+        return _HeldOut(relevant, irrelevant, frozenset(all_words))
 
     def consolidate_group(self, connection: psycopg.Connection, request: ConsolidationRequest,
                           scope_key: str) -> AdapterRecord:
-        patches = self._load_patches(connection, request, scope_key)
+        patches = store.answer_patches(connection, self.key, scope=request.scope, scope_key=scope_key,
+                                       num_layers=self.num_layers, d_model=self.d_model)
         count = len(patches)
         held_count = max(1, round(request.held_out * count))
         if count - held_count < 1:
-            raise BadInputError(f"{scope_key} has {count} patch(es); at least 2 are needed (one to fit, one held out)")
+            raise BadInputError(f"{scope_key} has {count} retrieval(s); at least 2 are needed (one to fit, one held "
+                                "out)")
         fit, held_out = patches[: count - held_count], patches[count - held_count :]
         log = self.log.bind(scope_key=scope_key, patches=count, held_out=held_count)
         log.info("consolidation_started")
-        # At the query position the direct fit of the exact patches is the steering patch; the adapter,
-        # which acts at every position, is fitted layer by layer on the fit queries rebuilt without the memory.
-        steering = fit_static_patch(
-            PatchSet(np.stack([p.delta for p in fit]), np.stack([p.a_tilde for p in fit]),
-                     np.stack([p.bias_delta for p in fit])),
-            rank=request.rank, ridge=request.ridge,
-        )
-        fit_examples = self._examples(connection, fit)
-        static = (fit_sequential_static_patch(self.loaded.model, fit_examples, request.rank, request.ridge,
-                                              self.adapter) if fit_examples else steering)
-        log.info("adapter_fitted", fit_queries=len(fit_examples))
-        examples = self._examples(connection, held_out)
-        fidelity = None
-        if examples:
-            at_query = measure_fidelity(self.loaded.model, steering, examples, self.adapter)
-            everywhere = measure_fidelity(self.loaded.model, static, examples, self.adapter)
-            fidelity = Fidelity(
-                examples=len(examples), kl_without=at_query.kl_without,
-                kl_adapter_query=at_query.kl_adapter_query, kl_adapter_all=everywhere.kl_adapter_all,
-                greedy_match_without=at_query.greedy_match_without, greedy_match_query=at_query.greedy_match_query,
-                greedy_match_all=everywhere.greedy_match_all,
-            )
+        generic, baseline = self.neutral()
+        started = time.perf_counter()
+        a_tilde = np.concatenate([patch.a_tilde for patch in fit], axis=1)  # [num_layers, pairs, d_model]
+        keys = answers.keys_from_inputs(self.loaded.model, a_tilde, self.adapter)
+        values = [np.concatenate([patch.value[layer_idx] for patch in fit]) for layer_idx in range(self.num_layers)]
+        patch = answers.fit_down_projection(keys, values, generic, rank=request.rank, ridge=request.ridge,
+                                            preservation=request.preservation)
+        fit_seconds = time.perf_counter() - started
+        log.info("adapter_fitted", pairs=patch.pairs, seconds=round(fit_seconds, 3))
 
-        with translate_errors(self.url, f"numbering the next adapter of {scope_key}"):
-            version = connection.execute(QUERIES["next_adapter_version"],
-                                         {"model": self.loaded.name, "scope_key": scope_key}).fetchone()[0]
-            listed = {row[0] for row in connection.execute(
-                QUERIES["adapter_paths"], {"model": self.loaded.name, "scope_key": scope_key})}
-            connection.commit()
+        checks = self._held_out(connection, held_out)
+        level = (edit_figures.answer_figures(self.loaded.model, self.loaded.tokenizer, patch, checks.examples,
+                                             stop_ids=self.stop) if checks.examples else None)
+        neutral = edit_figures.specificity(self.loaded.model, patch, baseline, stop_ids=self.stop)
+        leak = edit_figures.leak(self.loaded.model, self.loaded.tokenizer, patch, checks.leak_prompts,
+                                 edit_figures.says_any(checks.fact_words), stop_ids=self.stop)
+        reason = request.gate.verdict(level, neutral, leak)
+        status = "accepted" if reason is None else "rejected"
+
+        version, listed = store.next_version(connection, self.loaded.name, scope_key)
         directory = self.adapters_dir / _slug(self.loaded.name) / _slug(scope_key) / f"v{version}"
+        figures = {"answer": None if level is None else {k: v for k, v in asdict(level).items() if k != "answers"},
+                   "neutral": asdict(neutral), "leak": asdict(leak)}
         metadata = {
-            "scope_key": scope_key, "version": version, "model": self.loaded.name,
-            "model_revision": self.loaded.revision, "rank": static.rank, "ridge": request.ridge,
+            "scope_key": scope_key, "version": version, "model": self.loaded.name, "method": METHOD,
+            "method_version": METHOD_VERSION, "model_revision": self.loaded.revision, "rank": patch.rank,
+            "ridge": request.ridge, "preservation": request.preservation, "status": status, "status_reason": reason,
             "fit_patches": [[p.run_id, p.memory_id] for p in fit],
-            "held_out_patches": [[p.run_id, p.memory_id] for p in held_out],
-            "fidelity": asdict(fidelity) if fidelity else None,
+            "held_out_patches": [[p.run_id, p.memory_id] for p in held_out], "figures": figures,
         }
-        self._write_directory(directory, listed, static, metadata)
+        self._write_directory(directory, listed, patch, metadata)
         row = {
             "scope": request.scope, "scope_key": scope_key,
             "memory_id": fit[0].memory_id if request.scope == "memory" else None,
             "session_id": scope_key.removeprefix("session:") if request.scope == "session" else None,
-            **self._model_parameters(), "version": version, "layers": list(range(static.num_layers)),
-            "rank": static.rank, "ridge": request.ridge, "patch_count": len(fit), "held_out_count": len(held_out),
-            "path": str(directory),
-            "kl_without": _finite_or_none(fidelity and fidelity.kl_without),
-            "kl_adapter_query": _finite_or_none(fidelity and fidelity.kl_adapter_query),
-            "kl_adapter_all": _finite_or_none(fidelity and fidelity.kl_adapter_all),
-            "recovered_query": _finite_or_none(fidelity and fidelity.recovered_query),
-            "recovered_all": _finite_or_none(fidelity and fidelity.recovered_all),
-            "greedy_match_query": _finite_or_none(fidelity and fidelity.greedy_match_query),
-            "greedy_match_all": _finite_or_none(fidelity and fidelity.greedy_match_all),
+            **self.key.parameters(), "version": version, "layers": list(range(patch.num_layers)),
+            "rank": patch.rank, "ridge": request.ridge, "patch_count": len(fit), "held_out_count": len(held_out),
+            "path": str(directory), "method": METHOD, "status": status, "status_reason": reason,
+            "preservation": request.preservation, "fit_seconds": fit_seconds,
+            "answer_examples": 0 if level is None else level.examples,
+            "with_memory_rate": _finite_or_none(level and level.with_memory_rate),
+            "without_memory_rate": _finite_or_none(level and level.without_memory_rate),
+            "adapter_rate": _finite_or_none(level and level.adapter_rate),
+            "answer_kl_without": _finite_or_none(level and level.answer_kl_without),
+            "answer_kl_adapter": _finite_or_none(level and level.answer_kl_adapter),
+            "next_token_kl_share": _finite_or_none(level and level.next_token_kl_share),
+            "neutral_prompts": neutral.prompts, "neutral_kl": _finite_or_none(neutral.mean_kl),
+            "neutral_next_token_unchanged": neutral.next_token_unchanged,
+            "neutral_continuation_unchanged": neutral.continuation_unchanged,
+            "leak_examples": leak.examples, "leak_rate": _finite_or_none(leak.rate),
         }
+        del row["method_version"]
         try:
-            with translate_errors(self.url, f"listing the adapter of {scope_key}"), connection.transaction():
-                adapter_id = connection.execute(QUERIES["insert_adapter"], row).fetchone()[0]
-                with connection.cursor() as cursor:
-                    cursor.executemany(QUERIES["insert_adapter_patch"], [
-                        {"adapter_id": adapter_id, "run_id": p.run_id, "memory_id": p.memory_id, "role": role}
-                        for role, group in (("fit", fit), ("held_out", held_out)) for p in group
-                    ])
-                connection.execute(QUERIES["mark_patches_consolidated"], {"adapter_id": adapter_id})
+            adapter_id = store.insert_adapter(connection, row, {
+                "fit": [(p.run_id, p.memory_id) for p in fit],
+                "held_out": [(p.run_id, p.memory_id) for p in held_out],
+            })
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
-        log.info("adapter_written", adapter_id=adapter_id, version=version, path=str(directory), rank=static.rank,
-                 recovered_query=row["recovered_query"], recovered_all=row["recovered_all"])
-        return AdapterRecord(adapter_id, scope_key, version, directory, len(fit), len(held_out), fidelity)
+        log.info("adapter_written", adapter_id=adapter_id, version=version, path=str(directory), rank=patch.rank,
+                 status=status, reason=reason, adapter_rate=row["adapter_rate"],
+                 with_memory_rate=row["with_memory_rate"], neutral_kl=row["neutral_kl"], leak_rate=row["leak_rate"])
+        return AdapterRecord(adapter_id, scope_key, version, directory, len(fit), len(held_out), status, reason,
+                             level, neutral, leak, fit_seconds)
 
-    def _write_directory(self, directory: Path, listed: set[str], static, metadata: dict) -> None:
+    def _write_directory(self, directory: Path, listed: set[str], patch, metadata: dict) -> None:
         """Write into a temporary sibling and rename it into place: a directory there is complete."""
         parent = directory.parent
         temporary = parent / f".{directory.name}.{uuid.uuid4().hex[:8]}.tmp"
@@ -316,8 +354,8 @@ class Consolidator:
             parent.mkdir(parents=True, exist_ok=True)
             if directory.exists() and str(directory) not in listed:
                 shutil.rmtree(directory)  # left by a run that stopped between the rename and the listing
-            export_lora(self.loaded.model, static, temporary, base_model=self.loaded.name, metadata=metadata,
-                        adapter=self.adapter)
+            answers.export_lora(self.loaded.model, patch, temporary, base_model=self.loaded.name, metadata=metadata,
+                                adapter=self.adapter)
             temporary.rename(directory)
         except OSError as exc:
             shutil.rmtree(temporary, ignore_errors=True)
@@ -332,14 +370,17 @@ class Consolidator:
         """Consolidate every due group of the request; with raise_errors False a failing group is logged and skipped."""
         records = []
         with queue.connect(self.url) as connection:
-            groups = self.groups(connection, request)
+            try:
+                groups = self.groups(connection, request)
+            except BadInputError as exc:
+                if raise_errors:
+                    raise
+                # on a schedule, nothing due is not an error
+                self.log.info("consolidation_not_due", scope=request.scope, reason=str(exc))
+                return []
             self.log.info("consolidation_due", scope=request.scope, groups=len(groups))
             for scope_key, _patches, _new in groups:
-                lock = {"model": self.loaded.name, "scope_key": scope_key}
-                with translate_errors(self.url, "locking a group"):
-                    locked = connection.execute(QUERIES["lock_scope"], lock).fetchone()[0]
-                    connection.commit()
-                if not locked:
+                if not store.try_lock(connection, self.loaded.name, scope_key):
                     self.log.info("consolidation_skipped", scope_key=scope_key, reason="another daemon holds it")
                     continue
                 try:
@@ -350,31 +391,19 @@ class Consolidator:
                     self.log.error("consolidation_failed", scope_key=scope_key, error=str(exc),
                                    error_type=type(exc).__name__)
                 finally:
-                    if connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                        connection.rollback()
-                    with translate_errors(self.url, "unlocking a group"):
-                        connection.execute(QUERIES["unlock_scope"], lock)
-                        connection.commit()
+                    store.unlock(connection, self.loaded.name, scope_key)
         return records
 
 
-def list_adapters(connection: psycopg.Connection, limit: int = 50) -> list[dict]:
-    from psycopg.rows import dict_row
-
-    with translate_errors(queue.connection_url(connection), "listing adapters"):
-        with connection.cursor(row_factory=dict_row) as cursor:
-            return cursor.execute(QUERIES["list_adapters"], {"limit": limit}).fetchall()
-
-
 def describe(record: AdapterRecord) -> str:
-    fidelity = record.fidelity
-    figures = ("no held-out query could be rebuilt" if fidelity is None else
-               f"recovers {fidelity.recovered_query:.0%} of the context's effect at the query position, "
-               f"{fidelity.recovered_all:.0%} as a LoRA adapter at every position; greedy token kept "
-               f"{fidelity.greedy_match_all:.0%} (without it {fidelity.greedy_match_without:.0%})")
-    return (f"{record.scope_key} v{record.version}: fitted on {record.patch_count} patches, checked on "
-            f"{record.held_out_count} held out: {figures}\n  {record.path}")
-
-
-def metadata_of(directory: Path) -> dict:
-    return json.loads((directory / "icldaemon.json").read_text())
+    level, neutral, leak = record.answer, record.neutral, record.leak
+    answer = ("no held-out answer used the memory" if level is None else
+              f"answers naming the fact: {level.adapter_rate:.0%} with the adapter, {level.with_memory_rate:.0%} with "
+              f"the memory, {level.without_memory_rate:.0%} without (of {level.examples}); answer-token KL "
+              f"{level.answer_kl_without:.3f} -> {level.answer_kl_adapter:.3f} nats")
+    leaked = f"leak {leak.rate:.0%} of {leak.examples}" if leak.examples else "no question to check a leak on"
+    verdict = record.status + (f" ({record.status_reason})" if record.status_reason else "")
+    return (f"{record.scope_key} v{record.version} {verdict}: fitted on {record.patch_count} retrievals in "
+            f"{record.fit_seconds:.1f} s, checked on {record.held_out_count} held out: {answer}; neutral prompts: KL "
+            f"{neutral.mean_kl:.4f} nats, next token kept {neutral.next_token_unchanged:.0%}, continuation kept "
+            f"{neutral.continuation_unchanged:.0%}; {leaked}\n  {record.path}")

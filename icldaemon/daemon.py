@@ -22,15 +22,23 @@ from pathlib import Path
 import psycopg
 import torch
 from apscheduler.schedulers.background import BackgroundScheduler
-from pydantic import PositiveFloat
+from pydantic import NonNegativeInt, PositiveFloat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from icldaemon.assembly import assemble_prompt
 from icldaemon.consolidate import ConsolidationRequest, ConsolidationSettings, Consolidator
+from icldaemon.engine.answers import (
+    ANSWER_TOKENS,
+    AnswerPatch,
+    answer_patch,
+    greedy_answer,
+    stop_token_ids,
+    supports_answer_patches,
+)
 from icldaemon.engine.loading import LoadedModel
 from icldaemon.engine.measure import measure
 from icldaemon.engine.prompt import SegmentedPrompt
-from icldaemon.exceptions import BadInputError, DatabaseError, NumericalError
+from icldaemon.exceptions import BadInputError, DatabaseError, IcldaemonError, NumericalError
 from icldaemon.logs import get_logger
 from icldaemon.sdnotify import Notifier
 from icldaemon.store import queue, writer
@@ -61,6 +69,9 @@ class DaemonSettings(BaseSettings):
     stop_timeout: float = STOP_TIMEOUT
     # days: monthly partitions of icl_dynamics_log that ended longer ago are dropped; unset keeps all
     retention_days: PositiveFloat | None = None
+    # greedy answer tokens recorded per prompt, with the exact patch of removing each retrieved memory at
+    # every answer position (docs/method.md §7); 0 records none (and consolidation has nothing to fit)
+    answer_tokens: NonNegativeInt = ANSWER_TOKENS
 
 
 def default_worker_id() -> str:
@@ -162,6 +173,7 @@ class Worker:
         on_processed: Callable[[int, str], None] | None = None,
         consolidation: ConsolidationSettings | None = None,
         adapters_dir: Path | None = None,
+        answer_tokens: int = ANSWER_TOKENS,
     ):
         self.url = url
         self.loaded = loaded
@@ -169,6 +181,7 @@ class Worker:
         self.poll_interval, self.lease_seconds, self.max_attempts = poll_interval, lease_seconds, max_attempts
         self.backoff_seconds, self.stop_timeout, self.stride = backoff_seconds, stop_timeout, stride
         self.on_processed = on_processed
+        self.answer_tokens = answer_tokens
         self.retention_days = retention_days
         self.log = get_logger(worker_id=self.worker_id, model=loaded.name)
         self._stopping = threading.Event()
@@ -180,6 +193,7 @@ class Worker:
         self.consolidation = consolidation
         self.adapters_dir = adapters_dir
         self._consolidation_due = threading.Event()
+        self._consolidator: Consolidator | None = None
         self._failure: Exception | None = None  # what killed the worker thread, if anything did
 
     @classmethod
@@ -187,7 +201,8 @@ class Worker:
         settings = settings or DaemonSettings()
         return cls(url, loaded, poll_interval=settings.poll_interval, lease_seconds=settings.lease_seconds,
                    max_attempts=settings.max_attempts, backoff_seconds=settings.backoff_seconds,
-                   stop_timeout=settings.stop_timeout, retention_days=settings.retention_days, **options)
+                   stop_timeout=settings.stop_timeout, retention_days=settings.retention_days,
+                   answer_tokens=settings.answer_tokens, **options)
 
     # --- one prompt
 
@@ -195,6 +210,17 @@ class Worker:
         """The claimed prompt rendered with its memories in rank order; BadInputError names what is wrong."""
         return assemble_prompt(self.loaded.tokenizer, self.loaded.model, messages=claim.messages, text=claim.text,
                                retrievals=queue.retrievals(connection, claim.prompt_id))
+
+    def answer_patches(self, prompt: SegmentedPrompt) -> dict[int, AnswerPatch]:
+        """Per retrieved memory, its exact patch at every position of the model's own with-memory answer."""
+        memories = [segment for segment in prompt.labelled_segments if segment.memory_id is not None]
+        if self.answer_tokens < 1 or not memories or not supports_answer_patches(self.loaded.model):
+            return {}
+        model = self.loaded.model
+        answer = greedy_answer(model, prompt.input_ids, self.answer_tokens,
+                               stop_token_ids(model, self.loaded.tokenizer))
+        return {segment.memory_id: answer_patch(model, prompt.input_ids, prompt.without({segment.label}), answer)
+                for segment in memories}
 
     def process(self, connection: psycopg.Connection, claim: queue.Claim) -> str:
         """Measure one claimed prompt and write its results; returns its status afterwards ('lost' if taken away)."""
@@ -208,6 +234,7 @@ class Worker:
             prompt = self.assemble(connection, claim)
             with _Heartbeat(self.url, claim, self.lease_seconds) as heartbeat, _abandonable(self._abandoned):
                 measurement = measure(self.loaded.model, prompt, stride=self.stride, model_name=self.loaded.name)
+                answer_patches = self.answer_patches(prompt)
             measurement.model["revision"] = self.loaded.revision
             if heartbeat.lost.is_set():
                 log.warning("prompt_lost")
@@ -215,6 +242,7 @@ class Worker:
             run_id = writer.write_measurement(
                 connection, claim, measurement,
                 writer.RunSource(claim.prompt_id, session_id=claim.session_id, stride=self.stride),
+                answer_patches,
             )
         except _JobAbandoned:
             log.warning("prompt_abandoned")
@@ -315,10 +343,11 @@ class Worker:
         """One scheduled consolidation of every due group; a failing group is logged and skipped."""
         if self.consolidation is None or self.adapters_dir is None:
             return
-        consolidator = Consolidator(self.url, self.loaded, self.adapters_dir)
+        if self._consolidator is None:  # keeps the neutral prompts' baseline between runs
+            self._consolidator = Consolidator(self.url, self.loaded, self.adapters_dir)
         try:
-            consolidator.run(ConsolidationRequest.from_settings(self.consolidation), raise_errors=False)
-        except DatabaseError as exc:
+            self._consolidator.run(ConsolidationRequest.from_settings(self.consolidation), raise_errors=False)
+        except IcldaemonError as exc:  # logged; the daemon goes on measuring
             self.log.error("consolidation_failed", error=str(exc), error_type=type(exc).__name__)
 
     def _schedule_consolidation(self, scheduler: BackgroundScheduler) -> None:

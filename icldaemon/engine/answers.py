@@ -44,6 +44,12 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 METADATA_FILE = "icldaemon.json"
 
 
+def supports_answer_patches(model: nn.Module) -> bool:
+    """Whether the family's MLP output joins the residual directly, so that the down-projection form is exact."""
+    adapter = adapter_for(model)
+    return adapter.mlp_output == adapter.mlp
+
+
 def _check_supported(adapter: ArchitectureAdapter) -> None:
     if adapter.mlp_output != adapter.mlp:
         raise UnsupportedArchitectureError(
@@ -329,6 +335,18 @@ def fit_down_projection(keys: Sequence[np.ndarray], values: Sequence[np.ndarray]
         lora_B[layer_idx] = left[:, :kept] * singular[:kept]
         lora_A[layer_idx] = right[:kept]
     return DownProjectionPatch(lora_A=lora_A, lora_B=lora_B, ridge=ridge, preservation=preservation, pairs=count)
+
+
+def fit_answer_patches(patches: Sequence[AnswerPatch], generic: Sequence[np.ndarray] | None = None, *,
+                       rank: int = RANK, ridge: float = RIDGE, preservation: float = PRESERVATION
+                       ) -> DownProjectionPatch:
+    """One memory's static patch from its retrievals' answer-position patches (every pair of every retrieval)."""
+    if not patches:
+        raise BadInputError("no answer patches to fit")
+    layers = range(patches[0].key.shape[0])
+    keys = [np.concatenate([patch.key[layer_idx] for patch in patches]) for layer_idx in layers]
+    values = [np.concatenate([patch.value[layer_idx] for patch in patches]) for layer_idx in layers]
+    return fit_down_projection(keys, values, generic, rank=rank, ridge=ridge, preservation=preservation)
 
 
 # ---- applying and exporting ---------------------------------------------------------------------------

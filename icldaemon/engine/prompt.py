@@ -92,6 +92,11 @@ class SegmentedPrompt:
     def labelled_segments(self) -> list[Segment]:
         return [segment for segment in self.segments if segment.kind == "memory"]
 
+    def without(self, labels: set[str]) -> list[int]:
+        """The token ids with the labelled segments taken out and the rest closed up (docs/method.md §4)."""
+        return [token_id for segment in self.segments if segment.label not in labels
+                for token_id in self.input_ids[segment.start : segment.end]]
+
     def segment_of(self, token_index: int) -> Segment:
         for segment in self.segments:
             if segment.start <= token_index < segment.end:

@@ -26,6 +26,14 @@ INSERT INTO memory_patches (run_id, memory_id, model, model_revision, num_layers
 VALUES (%(run_id)s, %(memory_id)s, %(model)s, %(model_revision)s, %(num_layers)s, %(d_model)s, %(delta)s,
         %(a_tilde)s, %(bias_delta)s);
 
+-- name: insert_memory_answer_patch --
+-- One memory's patch at each answer position: the answer's token ids, a_tilde and value as float16
+-- little-endian [num_layers, positions, d_model], and the patch check's largest log-probability error.
+INSERT INTO memory_answer_patches (run_id, memory_id, model, model_revision, num_layers, d_model, answer_ids, a_tilde,
+                                   value, max_abs_log_prob_error)
+VALUES (%(run_id)s, %(memory_id)s, %(model)s, %(model_revision)s, %(num_layers)s, %(d_model)s, %(answer_ids)s,
+        %(a_tilde)s, %(value)s, %(max_abs_log_prob_error)s);
+
 -- name: session_prompt_exactness --
 -- Per measured prompt of one session: its size, the patch check's error, and the context's effect.
 SELECT prompts.id AS prompt_id,

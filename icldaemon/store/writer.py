@@ -7,7 +7,7 @@ per-row numbers as fixed-width big-endian fields, the per-token text once per to
 
 import hashlib
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,6 +19,7 @@ from icldaemon.store.database import translate_errors
 from icldaemon.store.queries import load_queries
 
 if TYPE_CHECKING:
+    from icldaemon.engine.answers import AnswerPatch
     from icldaemon.engine.result import Measurement
 
 DYNAMICS_NAMES = (
@@ -165,15 +166,21 @@ def _float32_le(array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array, dtype="<f4").tobytes()
 
 
+def _float16_le(array: np.ndarray) -> bytes:
+    return np.ascontiguousarray(array, dtype="<f2").tobytes()
+
+
 def _finite_or_none(value: float) -> float | None:
     value = float(value)
     return None if np.isnan(value) else value
 
 
 def write_measurement(
-    connection: psycopg.Connection, claim: queue.Claim, measurement: "Measurement", source: RunSource
+    connection: psycopg.Connection, claim: queue.Claim, measurement: "Measurement", source: RunSource,
+    answer_patches: "Mapping[int, AnswerPatch] | None" = None,
 ) -> int | None:
-    """Write the measurement's rows and mark the prompt done, in one transaction.
+    """Write the measurement's rows (and each memory's answer-position patch) and mark the prompt done, in
+    one transaction.
 
     Returns the measurement run's id, or None (and nothing written) when `claim` no longer holds the prompt.
     """
@@ -233,5 +240,18 @@ def write_measurement(
                             "bias_delta": _float32_le(segment.ablation.bias_delta),
                         }
                         for segment in memories
+                    ])
+            if answer_patches:
+                with connection.cursor() as cursor:
+                    cursor.executemany(QUERIES["insert_memory_answer_patch"], [
+                        {
+                            "run_id": run_id, "memory_id": memory_id, "model": run["model"],
+                            "model_revision": model.get("revision"),
+                            "num_layers": patch.value.shape[0], "d_model": patch.value.shape[2],
+                            "answer_ids": [int(token_id) for token_id in patch.answer_ids],
+                            "a_tilde": _float16_le(patch.a_tilde), "value": _float16_le(patch.value),
+                            "max_abs_log_prob_error": _finite_or_none(patch.max_abs_log_prob_error),
+                        }
+                        for memory_id, patch in answer_patches.items()
                     ])
     return run_id

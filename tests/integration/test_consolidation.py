@@ -1,4 +1,4 @@
-"""Consolidation against a real database: measured prompts' patches become listed PEFT adapter versions."""
+"""Consolidation against a real database: measured retrievals' answer patches become listed PEFT adapter versions."""
 
 import copy
 import json
@@ -7,7 +7,6 @@ import resource
 import signal
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import psycopg
@@ -15,10 +14,12 @@ import pytest
 import torch
 from daemon_fixtures import save_tiny_model
 
-from icldaemon.consolidate import ConsolidationRequest, Consolidator
+from icldaemon.consolidate import ConsolidationRequest, Consolidator, QualityGate
+from icldaemon.data import load_neutral
 from icldaemon.daemon import Worker
 from icldaemon.engine.loading import load_model
-from icldaemon.engine.prompt import Memory, build_prompt
+from icldaemon.engine.edit_figures import AnswerFigures, Leak, Specificity
+from icldaemon.engine.prompt import build_prompt
 from icldaemon.exceptions import BadInputError, ConsolidationError
 
 FACT = "The user's locker code is 4-7-1-9."
@@ -60,17 +61,11 @@ def measure_questions(url, tiny, questions, others) -> int:
     return fact_id[0]
 
 
-def last_log_probs(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
-    return torch.log_softmax(logits.double(), dim=-1)
+def neutral_prompts(tokenizer) -> list[list[int]]:
+    return [build_prompt(tokenizer, messages=chat).input_ids for chat in load_neutral()]
 
 
-def kl(p: torch.Tensor, q: torch.Tensor) -> float:
-    return float((p.exp() * (p - q)).sum())
-
-
-def test_a_memory_becomes_a_listed_adapter_whose_fidelity_checks_out(database_url, tiny, tmp_path):
+def test_a_memory_becomes_a_listed_adapter_checked_like_an_edit(database_url, tiny, tmp_path):
     fact_id = measure_questions(database_url, tiny, QUESTIONS[:6], OTHERS[:6])
     adapters_dir = tmp_path / "adapters"
 
@@ -82,50 +77,70 @@ def test_a_memory_becomes_a_listed_adapter_whose_fidelity_checks_out(database_ur
     assert (record.scope_key, record.version, record.patch_count, record.held_out_count) == (f"memory:{fact_id}", 1, 4, 2)
     assert sorted(path.name for path in record.path.parent.iterdir()) == ["v1"]  # no temporary directory left
     with psycopg.connect(database_url) as connection:
-        row = connection.execute("SELECT path, rank, kl_without, kl_adapter_all, recovered_all, memory_id "
-                                 "FROM adapters").fetchone()
+        row = connection.execute("SELECT path, rank, memory_id, method, status, status_reason, neutral_prompts, "
+                                 "neutral_kl, neutral_next_token_unchanged FROM adapters").fetchone()
         roles = connection.execute(
-            "SELECT adapter_patches.role, prompts.messages FROM adapter_patches "
-            "JOIN measurement_runs ON measurement_runs.id = adapter_patches.run_id "
-            "JOIN prompts ON prompts.id = measurement_runs.prompt_id ORDER BY adapter_patches.run_id").fetchall()
-        stamped = connection.execute("SELECT count(*) FROM memory_patches WHERE memory_id = %s "
-                                     "AND consolidated_at IS NOT NULL", (fact_id,)).fetchone()[0]
-    assert row[0] == str(record.path) and row[1] == 2 and row[5] == fact_id
-    assert [role for role, _ in roles] == ["fit"] * 4 + ["held_out"] * 2  # the newest are held out
-    assert stamped == 6
+            "SELECT adapter_patches.role FROM adapter_patches ORDER BY adapter_patches.run_id").fetchall()
+        answer_rows = connection.execute("SELECT count(*) FROM memory_answer_patches WHERE memory_id = %s",
+                                         (fact_id,)).fetchone()[0]
+    assert row[:4] == (str(record.path), 2, fact_id, "down_projection")
+    assert [role for (role,) in roles] == ["fit"] * 4 + ["held_out"] * 2  # the newest are held out
+    assert answer_rows == 6
+    # a random tiny model's answers never say the memory's words: the gate cannot accept what it cannot check
+    assert row[4] == "rejected" and "no held-out question's answer used the memory" in row[5]
 
-    # The fidelity figures, recomputed independently: each held-out chat rendered again with only the other
-    # memory, and the adapter loaded from its directory by PEFT.
+    # the specificity figures, recomputed independently: the adapter loaded from its directory by PEFT, on the
+    # shipped neutral prompts rendered again
     from peft import PeftModel
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # PEFT reads a property transformers 5 deprecates
-        warnings.filterwarnings("ignore", message=".*lora_bias=True.*has no bias")  # no merging into bias-free layers
-        peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny.model), str(record.path))
-    kl_without, kl_adapter = [], []
-    for question, other in zip(QUESTIONS[4:6], OTHERS[4:6], strict=True):
-        messages = [{"role": "user", "content": question}]
-        fact, about = Memory(FACT, "locker", fact_id), Memory(other, "about", 0)
-        with_ids = build_prompt(tiny.tokenizer, messages=messages, memories=[fact, about]).input_ids
-        without_ids = build_prompt(tiny.tokenizer, messages=messages, memories=[about]).input_ids
-        full = last_log_probs(tiny.model, with_ids)
-        kl_without.append(kl(full, last_log_probs(tiny.model, without_ids)))
-        kl_adapter.append(kl(full, last_log_probs(peft_model, without_ids)))
-    assert row[2] == pytest.approx(np.mean(kl_without), rel=1e-4)
-    assert row[3] == pytest.approx(np.mean(kl_adapter), rel=1e-4)
-    assert row[4] == pytest.approx(1 - np.mean(kl_adapter) / np.mean(kl_without), rel=1e-4, abs=1e-6)
+    config = json.loads((record.path / "adapter_config.json").read_text())
+    assert not config.get("lora_bias") and all(name.endswith("mlp.down_proj") for name in config["target_modules"])
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny.model), str(record.path)).eval()
+    kls, kept = [], []
+    for ids in neutral_prompts(tiny.tokenizer):
+        base, adapted = last_log_probs(tiny.model, ids), last_log_probs(peft_model, ids)
+        kls.append(max(kl(base, adapted), 0.0))
+        kept.append(int(base.argmax()) == int(adapted.argmax()))
+    assert row[6] == len(kls)
+    assert row[7] == pytest.approx(np.mean(kls), rel=1e-3, abs=1e-9)
+    assert row[8] == pytest.approx(np.mean(kept))
 
-    # nothing new: no second version; four new patches: version 2, and version 1 stays listed
-    with pytest.raises(BadInputError, match=f"memory:{fact_id} has 0 new patches .* at least 4 are needed"):
+    # nothing new: no second version; four new retrievals: version 2, and version 1 stays listed
+    with pytest.raises(BadInputError, match=f"memory:{fact_id} has 0 new answer patches .* at least 4 are needed"):
         Consolidator(database_url, tiny, adapters_dir).run(ConsolidationRequest(memory_id=fact_id, min_patches=4))
     measure_questions(database_url, tiny, QUESTIONS[6:10], OTHERS[6:10])
     second = Consolidator(database_url, tiny, adapters_dir).run(ConsolidationRequest(memory_id=fact_id, min_patches=4))
-    assert [(r.version, r.patch_count, r.held_out_count) for r in second] == [(2, 8, 2)]  # 10 patches, a quarter held out
+    assert [(r.version, r.patch_count, r.held_out_count) for r in second] == [(2, 8, 2)]  # 10 retrievals, a quarter held out
     with psycopg.connect(database_url) as connection:
         assert [v for (v,) in connection.execute("SELECT version FROM adapters ORDER BY version")] == [1, 2]
 
 
+def last_log_probs(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+    return torch.log_softmax(logits.double(), dim=-1)
+
+
+def kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    return float((p.exp() * (p - q)).sum())
+
+
+def test_the_quality_gate_names_every_figure_that_fails():
+    level = AnswerFigures(examples=4, with_memory_rate=0.75, without_memory_rate=0.0, adapter_rate=0.25,
+                          answer_kl_without=1.0, answer_kl_adapter=0.5, next_token_kl_share=0.5)
+    neutral = Specificity(prompts=40, mean_kl=0.08, next_token_unchanged=0.85, continuation_unchanged=0.5)
+    reason = QualityGate().verdict(level, neutral, Leak(examples=4, rate=0.5))
+    assert "25% of the time with the adapter against 75% with the memory (33% < 50%)" in reason
+    assert "next token kept 85% < 90%" in reason and "neutral KL 0.0800 > 0.05" in reason and "leak 50% > 25%" in reason
+    good = Specificity(prompts=40, mean_kl=0.01, next_token_unchanged=1.0, continuation_unchanged=0.9)
+    level.adapter_rate = 0.75
+    assert QualityGate().verdict(level, good, Leak(examples=0, rate=float("nan"))) is None
+
+
 def test_scheduled_scope_consolidates_every_due_memory_and_skips_the_rest(database_url, tiny, tmp_path):
+    # on a schedule, nothing due is no error (scope all included)
+    assert Consolidator(database_url, tiny, tmp_path).run(ConsolidationRequest(scope="all", min_patches=4),
+                                                          raise_errors=False) == []
     fact_id = measure_questions(database_url, tiny, QUESTIONS[:4], OTHERS[:4])
     records = Consolidator(database_url, tiny, tmp_path).run(ConsolidationRequest(min_patches=4), raise_errors=False)
     # the fact was retrieved four times; every other memory once
@@ -137,22 +152,22 @@ def test_scheduled_scope_consolidates_every_due_memory_and_skips_the_rest(databa
 def test_patches_of_another_model_revision_are_not_mixed_in(database_url, tiny, tmp_path):
     fact_id = measure_questions(database_url, tiny, QUESTIONS[:4], OTHERS[:4])
     with psycopg.connect(database_url) as connection:
-        connection.execute("UPDATE memory_patches SET model_revision = 'f00dfeedf00dfeed' WHERE memory_id = %s",
+        connection.execute("UPDATE memory_answer_patches SET model_revision = 'f00dfeedf00dfeed' WHERE memory_id = %s",
                            (fact_id,))
-    with pytest.raises(BadInputError, match=f"memory:{fact_id} has no patches of model .*; it has 4 of .*f00dfeed"):
+    with pytest.raises(BadInputError, match=f"memory:{fact_id} has no answer patches of model .*; it has 4 of .*f00dfeed"):
         Consolidator(database_url, tiny, tmp_path).run(ConsolidationRequest(memory_id=fact_id, min_patches=2))
 
 
 def test_nan_in_a_stored_patch_fails_the_group_and_lists_nothing(database_url, tiny, tmp_path):
     fact_id = measure_questions(database_url, tiny, QUESTIONS[:4], OTHERS[:4])
     with psycopg.connect(database_url) as connection:
-        run_id, raw = connection.execute("SELECT run_id, a_tilde FROM memory_patches WHERE memory_id = %s "
+        run_id, raw = connection.execute("SELECT run_id, a_tilde FROM memory_answer_patches WHERE memory_id = %s "
                                          "ORDER BY run_id LIMIT 1", (fact_id,)).fetchone()
-        values = np.frombuffer(raw, dtype="<f4").copy()
+        values = np.frombuffer(raw, dtype="<f2").copy()
         values[5] = np.nan
-        connection.execute("UPDATE memory_patches SET a_tilde = %s WHERE run_id = %s AND memory_id = %s",
+        connection.execute("UPDATE memory_answer_patches SET a_tilde = %s WHERE run_id = %s AND memory_id = %s",
                            (values.tobytes(), run_id, fact_id))
-    with pytest.raises(ConsolidationError, match=f"a_tilde of memory {fact_id} in run {run_id} holds NaN"):
+    with pytest.raises(ConsolidationError, match=f"memory {fact_id} in run {run_id} \\(a_tilde\\) holds NaN"):
         Consolidator(database_url, tiny, tmp_path).run(ConsolidationRequest(memory_id=fact_id, min_patches=2))
     with psycopg.connect(database_url) as connection:
         assert connection.execute("SELECT count(*) FROM adapters").fetchone()[0] == 0
@@ -186,7 +201,7 @@ def test_a_failed_write_leaves_no_directory_and_no_row(database_url, tiny, tiny_
     # with room to write, the same command succeeds and lists the adapter
     done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert f"memory:{fact_id} v1: fitted on 3 patches, checked on 1 held out" in done.stdout
+    assert f"memory:{fact_id} v1 rejected (" in done.stdout and "fitted on 3 retrievals" in done.stdout
     listing = subprocess.run([sys.executable, "-m", "icldaemon", "adapters"], env=environment, capture_output=True,
                              text=True, timeout=300)
     assert f"memory:{fact_id}" in listing.stdout and "v1" not in listing.stderr
