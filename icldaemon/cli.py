@@ -1,4 +1,5 @@
-"""The command line: `icldaemon measure | migrate | run | submit | status | consolidate | adapters | plot | roles`.
+"""The command line: `icldaemon measure | migrate | run | submit | status | consolidate | adapters | generate | plot |
+roles`.
 
 The only place errors become messages and exit codes.
 """
@@ -220,6 +221,50 @@ def cmd_adapters(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_generate(args, settings: Settings) -> int:
+    import warnings
+
+    from peft import PeftModel
+
+    from icldaemon.engine.answers import greedy_answer, stop_token_ids
+    from icldaemon.engine.loading import load_model
+    from icldaemon.engine.measure import max_positions
+    from icldaemon.engine.prompt import Memory, build_prompt
+    from icldaemon.store import adapters, queue
+    from icldaemon.store.database import database_url
+
+    if args.max_new_tokens < 1:
+        raise BadInputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    source = _read_prompt_source(args)
+    with database_url(settings) as url, queue.connect(url) as connection:
+        row = adapters.adapter(connection, args.adapter)
+    path = Path(row["path"])
+    if not (path / "adapter_config.json").is_file():
+        raise BadInputError(f"adapter {args.adapter}'s directory {path} holds no adapter_config.json (moved or deleted?)")
+    loaded = load_model(settings.model, models_dir=settings.models_dir, device=settings.device, dtype=settings.dtype)
+    if row["model"] != loaded.name:
+        raise BadInputError(f"adapter {args.adapter} was fitted on {row['model']}; the loaded model is {loaded.name} "
+                            "(set ICLD_MODEL)")
+    memories = [Memory(content=memory["content"], key=memory["key"], id=memory["id"]) for memory in row["memories"]]
+    limit = max_positions(loaded.model)
+    with_memory = build_prompt(loaded.tokenizer, memories=memories, max_tokens=limit, **source).input_ids
+    without = build_prompt(loaded.tokenizer, max_tokens=limit, **source).input_ids
+    stop = stop_token_ids(loaded.model, loaded.tokenizer)
+    decode = lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+    base = {name: decode(greedy_answer(loaded.model, ids, args.max_new_tokens, stop))
+            for name, ids in (("with the memory in context", with_memory), ("without it", without))}
+    with warnings.catch_warnings():
+        # adapters written before the down-projection form carry lora_bias on layers without a bias
+        warnings.filterwarnings("ignore", message=".*lora_bias.*")
+        adapted = PeftModel.from_pretrained(loaded.model, str(path)).eval()
+    base["without it, with the adapter"] = decode(greedy_answer(adapted, without, args.max_new_tokens, stop))
+    keys = ", ".join(memory.key or str(memory.id) for memory in memories) or "none"
+    print(f"adapter {row['id']} ({row['scope_key']} v{row['version']}, {row['method']}, {row['status']}); memories: {keys}")
+    for name, text in base.items():
+        print(f"\n{name}:\n  {text}")
+    return 0
+
+
 def cmd_plot(args, settings: Settings) -> int:
     from icldaemon.plots import plot_run
     from icldaemon.store import queue
@@ -309,6 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
     adapters = commands.add_parser("adapters", help="list the adapter versions with their status and figures")
     adapters.add_argument("--limit", type=int, default=50, help="how many, newest first (default 50)")
     adapters.set_defaults(handler=cmd_adapters)
+
+    generate = commands.add_parser(
+        "generate", help="an adapter tried out: the continuation with its memories in context, without, and with it")
+    generate.add_argument("--adapter", type=int, required=True, help="adapters.id (see `icldaemon adapters`)")
+    prompt_source = generate.add_mutually_exclusive_group(required=True)
+    prompt_source.add_argument("--messages-file", help="a JSON chat: a list of {\"role\", \"content\"} objects")
+    prompt_source.add_argument("--text-file", help="a raw prompt")
+    generate.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens to generate (default 32)")
+    generate.set_defaults(handler=cmd_generate)
 
     plot = commands.add_parser("plot", help="draw a measured run from the database: per-token curves and a heatmap")
     plot.add_argument("run_id", type=int, help="measurement_runs.id")

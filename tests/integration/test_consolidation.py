@@ -19,7 +19,7 @@ from icldaemon.data import load_neutral
 from icldaemon.daemon import Worker
 from icldaemon.engine.loading import load_model
 from icldaemon.engine.edit_figures import AnswerFigures, Leak, Specificity
-from icldaemon.engine.prompt import build_prompt
+from icldaemon.engine.prompt import Memory, build_prompt
 from icldaemon.exceptions import BadInputError, ConsolidationError
 
 FACT = "The user's locker code is 4-7-1-9."
@@ -205,3 +205,51 @@ def test_a_failed_write_leaves_no_directory_and_no_row(database_url, tiny, tiny_
     listing = subprocess.run([sys.executable, "-m", "icldaemon", "adapters"], env=environment, capture_output=True,
                              text=True, timeout=300)
     assert f"memory:{fact_id}" in listing.stdout and "v1" not in listing.stderr
+
+
+def greedy(model, ids: list[int], tokens: int, stop: int) -> list[int]:
+    """An argmax loop over full forward passes: the test's own decoder."""
+    generated = []
+    with torch.no_grad():
+        for _ in range(tokens):
+            token = int(model(input_ids=torch.tensor([ids + generated])).logits[0, -1].argmax())
+            generated.append(token)
+            if token == stop:
+                break
+    return generated
+
+
+def test_generate_shows_the_adapter_beside_the_memory(database_url, tiny, tiny_dir, tmp_path):
+    fact_id = measure_questions(database_url, tiny, QUESTIONS[:4], OTHERS[:4])
+    [record] = Consolidator(database_url, tiny, tmp_path / "adapters").run(
+        ConsolidationRequest(memory_id=fact_id, min_patches=2))
+    messages = [{"role": "user", "content": "What is my locker code?"}]
+    (tmp_path / "chat.json").write_text(json.dumps(messages))
+    environment = {**os.environ, "ICLD_DATABASE_URL": database_url, "ICLD_MODEL": str(tiny_dir),
+                   "ICLD_DEVICE": "cpu", "ICLD_DATA_DIR": str(tmp_path), "ICLD_LOG_FORMAT": "json"}
+    command = [sys.executable, "-m", "icldaemon", "generate", "--adapter", str(record.id), "--messages-file",
+               str(tmp_path / "chat.json"), "--max-new-tokens", "8"]
+
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 0, done.stderr
+    from peft import PeftModel
+
+    without_ids = build_prompt(tiny.tokenizer, messages=messages).input_ids
+    with_ids = build_prompt(tiny.tokenizer, messages=messages,
+                            memories=[Memory(FACT, "locker", fact_id)]).input_ids
+    adapted = PeftModel.from_pretrained(copy.deepcopy(tiny.model), str(record.path)).eval()
+    stop = tiny.tokenizer.eos_token_id
+    expected = {
+        "with the memory in context": greedy(tiny.model, with_ids, 8, stop),
+        "without it": greedy(tiny.model, without_ids, 8, stop),
+        "without it, with the adapter": greedy(adapted, without_ids, 8, stop),
+    }
+    for heading, ids in expected.items():
+        text = tiny.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        assert f"{heading}:\n  {text}\n" in done.stdout + "\n", heading
+    assert "memories: locker" in done.stdout
+
+    missing = subprocess.run([*command[:5], "9999", *command[6:]], env=environment, capture_output=True, text=True,
+                             timeout=300)
+    assert missing.returncode == 1 and "adapter 9999 does not exist" in missing.stderr
