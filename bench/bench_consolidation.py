@@ -86,9 +86,11 @@ class Bench:
             held_out.append((prompt.input_ids, prompt.without({label})))
         return fit, held_out, leaks
 
-    def answer_patches(self, pairs) -> list:
+    def answer_patches(self, pairs, progress=None) -> list:
         result = []
-        for with_ids, without_ids in pairs:
+        for number, (with_ids, without_ids) in enumerate(pairs, 1):
+            if progress:
+                progress(number, len(pairs))
             answer = answers.greedy_answer(self.model, with_ids, answers.ANSWER_TOKENS, self.stop)
             result.append(answers.answer_patch(self.model, with_ids, without_ids, answer))
         return result
@@ -115,11 +117,13 @@ def run(facts: int | None = None, distil_facts: int = 3, rank: int = answers.RAN
     neutral_prompts = [build_prompt(loaded.tokenizer, messages=chat).input_ids for chat in load_neutral()]
     baseline = edit_figures.neutral_baseline(loaded.model, neutral_prompts, stop_ids=bench.stop)
     generic = answers.generic_keys(loaded.model, neutral_prompts)
+    progress(f"  neutral baseline and keys: {len(neutral_prompts)} prompts, {time.perf_counter() - started:.0f} s")
     per_fact, adapters, held = {}, {}, {}
     for index, fact in enumerate(chosen):
         fit, held_out, leaks = bench.retrievals(index)
         patch_started = time.perf_counter()
-        patches = bench.answer_patches(fit)
+        patches = bench.answer_patches(fit, lambda done, total: print(f"    retrieval {done}/{total}", end="\r",
+                                                                      flush=True))
         patch_seconds = time.perf_counter() - patch_started
         fit_started = time.perf_counter()
         adapter = answers.fit_answer_patches(patches, generic, rank=rank, ridge=ridge, preservation=preservation)

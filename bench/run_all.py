@@ -5,11 +5,11 @@
 The engine against one plain forward pass, the naive loop and the original brief's method
 (bench_engine.py); the writer's binary COPY against executemany and psql's \\copy (bench_writer.py);
 what the database and the queue add to the engine's time (bench_end_to_end.py); consolidation
-fidelity against the number of calibration queries K (bench_consolidation.py, when present). Each
+measured like model edits, beside context distillation (bench_consolidation.py, when present). Each
 section prints its own report as it finishes; the summary comes last, headed by the machine: CPU,
 cores, memory, torch, and the load average before and after, since timings taken while other work
 shares the CPU are noisy (ratios measured within one section suffer less than absolute times).
-`--quick` uses short prompts and few rows (a few minutes); the full run takes about 25 minutes.
+`--quick` uses short prompts, few rows and two facts; the full run takes about an hour on 2 cores.
 Databases are made on ICLD_BENCH_DATABASE_URL's server (default postgresql://postgres@127.0.0.1:5432/postgres)
 and dropped afterwards.
 """
@@ -30,13 +30,13 @@ QUICK = {
     "engine": {"tokens": (120, 512)},
     "writer": {"layers": 30, "tokens": 1000, "executemany_rows": 5000, "repeat": 1},
     "end-to-end": {"rounds": 1},
-    "consolidation": {"facts": 1},
+    "consolidation": {"facts": 2, "distil_facts": 1, "distil_steps": 20},
 }
 FULL = {
     "engine": {"tokens": (120, 512, 2048), "long": True},
     "writer": {"layers": 30, "tokens": 4000, "executemany_rows": 30_000, "repeat": 3},
     "end-to-end": {"rounds": 2},
-    "consolidation": {"plot": str(Path(__file__).resolve().parent / "consolidation.png")},
+    "consolidation": {"distil_facts": 3},
 }
 MODULES = {"engine": "bench_engine", "writer": "bench_writer", "end-to-end": "bench_end_to_end",
            "consolidation": "bench_consolidation"}
@@ -131,15 +131,21 @@ def summary_rows(results: dict[str, dict | None], reasons: dict[str, str]) -> li
                      f"{end_to_end['engine_s']:.1f} s; per pair middle half {low:+.0%} to {high:+.0%}"))
     consolidation = results.get("consolidation")
     if consolidation is None:
-        missing("consolidation", "consolidation fidelity vs K")
+        missing("consolidation", "consolidation: answers naming the fact")
     else:
-        table = consolidation["table"]
-        sizes = [key for key in table if isinstance(key, int)]
-        for size in (sizes[0], sizes[-1]):
-            row = table[size]
-            lora = "-" if row["recovered_sequential"] is None else f"{row['recovered_sequential']:.0%}"
-            rows.append((f"consolidation recovered, K={size}", f"{row['recovered_query']:.0%} / {lora}",
-                         "held-out queries: at the query position / LoRA at every position"))
+        summary = consolidation["summary"]
+        rows.append((f"consolidation, answers naming the fact ({summary['facts']} facts)",
+                     f"{summary['adapter_rate']:.0%} / {summary['with_memory_rate']:.0%}",
+                     f"held out: with the adapter / with the memory in context (without: "
+                     f"{summary['without_memory_rate']:.0%})"))
+        rows.append(("consolidation, neutral prompts", f"{summary['neutral_kl']:.4f}",
+                     f"mean KL(base || adapted) nats; next token kept {summary['next_token_unchanged']:.0%}, "
+                     f"leak {summary['leak']:.0%}"))
+        distilled = summary.get("distillation")
+        if distilled:
+            rows.append(("context distillation time / ours", f"{distilled['seconds'] / distilled['ours_seconds']:.1f}x",
+                         f"answers {distilled['adapter_rate']:.0%} vs ours {distilled['ours_adapter_rate']:.0%}, neutral "
+                         f"KL {distilled['neutral_kl']:.4f} vs {distilled['ours_neutral_kl']:.4f}"))
     return rows
 
 
