@@ -2,11 +2,14 @@
 
 import json
 
+import numpy as np
 import psycopg
 import pytest
+import torch
 from daemon_fixtures import MAX_POSITIONS, save_tiny_model
 
 from icldaemon.daemon import Worker
+from icldaemon.engine.answers import ANSWER_TOKENS, answer_patch
 from icldaemon.engine.loading import load_model
 from icldaemon.engine.prompt import Memory, build_prompt
 
@@ -87,6 +90,31 @@ def test_run_once_measures_good_prompts_and_fails_bad_ones_by_name(database_url,
     assert patches == 2
     assert segments == sorted([(f"memory:{memory_id[key]}", memory_id[key]) for key in ("pet", "city")],
                               key=lambda row: row[1])
+
+
+    # every retrieved memory's patch at the answer positions: the answer is the model's own greedy one (an
+    # argmax loop of the test's), the stored float16 factors are the engine's
+    with psycopg.connect(database_url) as connection:
+        stored = connection.execute(
+            "SELECT memory_id, answer_ids, num_layers, d_model, a_tilde, value, max_abs_log_prob_error "
+            "FROM memory_answer_patches ORDER BY memory_id").fetchall()
+    answer = []
+    with torch.no_grad():
+        for _ in range(ANSWER_TOKENS):
+            token = int(tiny.model(torch.tensor([chat_prompt.input_ids + answer])).logits[0, -1].argmax())
+            answer.append(token)
+            if token == tiny.tokenizer.eos_token_id:
+                break
+    assert [row[0] for row in stored] == sorted(memory_id[key] for key in ("pet", "city"))
+    for stored_id, answer_ids, layers, width, a_tilde, value, error in stored:
+        assert answer_ids == answer and (layers, width) == (2, tiny.model.config.hidden_size)
+        label = f"memory:{stored_id}"
+        expected = answer_patch(tiny.model, chat_prompt.input_ids, chat_prompt.without({label}), answer)
+        shape = (layers, len(answer), width)
+        np.testing.assert_allclose(np.frombuffer(value, "<f2").reshape(shape), expected.value, rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(np.frombuffer(a_tilde, "<f2").reshape(shape), expected.a_tilde, rtol=2e-3,
+                                   atol=2e-3)
+        assert error < 1e-4
 
 
 def test_a_failed_job_is_retried_and_the_error_kept(database_url, tiny, monkeypatch):
