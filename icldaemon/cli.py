@@ -103,10 +103,11 @@ def cmd_run(args, settings: Settings) -> int:
     from icldaemon.store.database import database_url
     from icldaemon.store.migrate import upgrade
 
-    loaded = load_model(settings.model, models_dir=settings.models_dir, device=settings.device, dtype=settings.dtype)
     with database_url(settings) as url:
         if args.migrate:
             upgrade(url)
+        loaded = load_model(settings.model, models_dir=settings.models_dir, device=settings.device,
+                            dtype=settings.dtype)
         worker = Worker.from_settings(url, loaded, DaemonSettings(), worker_id=args.worker_id, stride=args.stride,
                                       consolidation=ConsolidationSettings(), adapters_dir=settings.adapters_dir)
         if args.once:
@@ -173,8 +174,9 @@ def cmd_consolidate(args, settings: Settings) -> int:
         memory_id=args.memory_id, session_id=args.session_id, rank=args.rank, min_patches=args.min_patches,
         ridge=args.ridge, preservation=args.preservation,
     )
-    loaded = load_model(settings.model, models_dir=settings.models_dir, device=settings.device, dtype=settings.dtype)
     with database_url(settings) as url:
+        loaded = load_model(settings.model, models_dir=settings.models_dir, device=settings.device,
+                            dtype=settings.dtype)
         records = Consolidator(url, loaded, settings.adapters_dir).run(request)
     for record in records:
         print(describe(record))
@@ -391,7 +393,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"icldaemon: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except IcldaemonError as exc:
-        get_logger().error("command_failed", command=args.command, error=str(exc), error_type=type(exc).__name__)
         print(f"icldaemon: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

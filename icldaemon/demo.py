@@ -13,7 +13,7 @@ from tqdm import tqdm
 from icldaemon.daemon import DaemonSettings, Worker
 from icldaemon.engine.loading import load_model
 from icldaemon.exceptions import IcldaemonError
-from icldaemon.logs import configure_logging, get_logger
+from icldaemon.logs import configure_logging
 from icldaemon.settings import load_settings
 from icldaemon.store import queue
 from icldaemon.store.database import database_url
@@ -92,7 +92,6 @@ def _report(connection, session_id: uuid.UUID, titles: dict[int, str]) -> None:
 def main() -> int:
     settings = load_settings()
     configure_logging(settings.log_format, "warning" if settings.log_level == "info" else settings.log_level)
-    log = get_logger()
     session_id = uuid.uuid4()
     try:
         loaded = load_model(settings.model, models_dir=settings.models_dir, device=settings.device,
@@ -111,7 +110,6 @@ def main() -> int:
             with queue.connect(url) as connection:
                 _report(connection, session_id, titles)
     except IcldaemonError as exc:
-        log.error("demo_failed", error=str(exc))
         print(f"icldaemon demo: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -8,15 +8,18 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path(platformdirs.user_data_dir("icldaemon"))
+ENV_PREFIX = "ICLD_"
+DATABASE_URL_VARIABLE = f"{ENV_PREFIX}DATABASE_URL"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ICLD_", env_file=None, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=None, extra="ignore")
 
     database_url: str | None = Field(
         default=None,
-        description="PostgreSQL URL (postgresql://user@host:port/db). Unset: an embedded PostgreSQL "
-        "server in <data_dir>/pgdata, started and stopped by the program.",
+        description="PostgreSQL URL (postgresql://user@host:port/db, or postgres://, either optionally +psycopg; "
+        "checked when a command connects). Unset: an embedded PostgreSQL server in <data_dir>/pgdata, started and "
+        "stopped by the program.",
     )
     model: str | None = Field(
         default=None,

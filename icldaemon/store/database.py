@@ -14,28 +14,39 @@ from sqlalchemy.pool import NullPool
 
 from icldaemon.exceptions import ConfigurationError, DatabaseError
 from icldaemon.logs import get_logger
-from icldaemon.settings import Settings
+from icldaemon.settings import DATABASE_URL_VARIABLE, Settings
 
 DRIVER_NAME = "postgresql+psycopg"
-ACCEPTED_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
+ACCEPTED_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg", "postgres+psycopg")
+URL_FORM = "postgresql://user[:password]@host[:port]/database (or postgres://, either optionally +psycopg)"
 HANDLE_LIST_FILE = ".handle_pids.json"  # pgserver's list of the processes using a data directory
+# What a statement meets in a database that was never migrated, or migrated by an older release.
+SCHEMA_MISSING_ERRORS = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction,
+                         psycopg.errors.UndefinedColumn)
 
 
 # --- URLs
 
 
-def _parse(url: str) -> URL:
+def _parse(url: str, source: str = "the database URL") -> URL:
+    """The parsed URL; ConfigurationError naming `source` (ICLD_DATABASE_URL, ...) unless it is a PostgreSQL URL."""
     try:
         parsed = make_url(url)
-    except ArgumentError:
-        # the message of ArgumentError repeats the URL, password included
-        raise ConfigurationError("the database URL cannot be parsed; expected postgresql://user@host:port/db") from None
+    except (ArgumentError, ValueError) as exc:
+        # the messages of both repeat parts of the URL, the password among them
+        reason = "its port is not a number" if "int()" in str(exc) else "it is not of the form scheme://..."
+        raise ConfigurationError(f"{source} cannot be parsed ({reason}); expected {URL_FORM}") from None
     if parsed.drivername not in ACCEPTED_SCHEMES:
         raise ConfigurationError(
-            f"the database URL's scheme {parsed.drivername!r} is not supported; "
-            f"expected one of {', '.join(scheme + '://' for scheme in ACCEPTED_SCHEMES)}"
+            f"{source} has the scheme {parsed.drivername + '://'!r}; icldaemon runs on PostgreSQL only: "
+            f"expected {URL_FORM}"
         )
     return parsed
+
+
+def check_url(url: str, source: str) -> None:
+    """Refuse, naming `source`, a URL that is not a PostgreSQL URL, before anything connects with it."""
+    _parse(url, source)
 
 
 def normalize_url(url: str) -> str:
@@ -81,17 +92,25 @@ def _driver_message(exc: BaseException, password: str | None) -> str:
 
 @contextlib.contextmanager
 def translate_errors(url: str, action: str) -> Iterator[None]:
-    """Turn driver errors raised inside into DatabaseError('<action> failed on <database>: <reason>')."""
+    """Turn driver errors raised inside into DatabaseError('<action> failed on <database>: <reason>').
+
+    A missing table, function or column says the schema is missing or older than the code, and how to fix it.
+    """
     try:
         yield
     except (DBAPIError, psycopg.Error) as exc:
         try:
             password = make_url(url).password
-        except ArgumentError:
+        except (ArgumentError, ValueError):
             password = None
-        raise DatabaseError(
-            f"{action} failed on {describe_url(url)}: {_driver_message(exc, password and str(password))}"
-        ) from exc
+        reason = _driver_message(exc, password and str(password))
+        original = exc.orig if isinstance(exc, DBAPIError) else exc
+        if isinstance(original, SCHEMA_MISSING_ERRORS):
+            raise DatabaseError(
+                f"{action} failed: the {describe_url(url)} has no icldaemon schema (or is behind): "
+                f"run `icldaemon migrate` ({reason})"
+            ) from exc
+        raise DatabaseError(f"{action} failed on {describe_url(url)}: {reason}") from exc
 
 
 # --- the embedded server
@@ -159,8 +178,9 @@ def embedded_database(pgdata_dir: Path) -> Iterator[str]:
 
 @contextlib.contextmanager
 def database_url(settings: Settings) -> Iterator[str]:
-    """The configured database URL; without one, the embedded server's in `settings.pgdata_dir`, for the duration."""
+    """The configured database URL, checked; without one, the embedded server's in `settings.pgdata_dir`."""
     if settings.database_url:
+        check_url(settings.database_url, DATABASE_URL_VARIABLE)
         yield settings.database_url
         return
     with embedded_database(settings.pgdata_dir) as url:
