@@ -1,5 +1,5 @@
-"""The command line: `icldaemon measure | migrate | run | submit | status | consolidate | adapters | generate | plot |
-roles`.
+"""The command line: `icldaemon measure | migrate | run | submit | status | memories | runs | consolidate | adapters |
+generate | plot | roles`.
 
 The only place errors become messages and exit codes.
 """
@@ -108,13 +108,31 @@ def cmd_run(args, settings: Settings) -> int:
             upgrade(url)
         loaded = load_model(settings.model, models_dir=settings.models_dir, device=settings.device,
                             dtype=settings.dtype)
+        processed: list[int] = []  # with --once: the prompts this worker measured or failed, for their run ids
         worker = Worker.from_settings(url, loaded, DaemonSettings(), worker_id=args.worker_id, stride=args.stride,
-                                      consolidation=ConsolidationSettings(), adapters_dir=settings.adapters_dir)
+                                      consolidation=ConsolidationSettings(), adapters_dir=settings.adapters_dir,
+                                      on_processed=(lambda prompt_id, status: processed.append(prompt_id))
+                                      if args.once else None)
         if args.once:
             counts = worker.run_once()
             print(", ".join(f"{count} {status}" for status, count in sorted(counts.items())) or "nothing to do")
+            _print_runs_of(url, processed)
             return 0
         return worker.run_forever()
+
+
+def _print_runs_of(url: str, prompt_ids: list[int]) -> None:
+    """The measurement runs of the prompts just processed, on stderr (stdout keeps the counts alone)."""
+    from icldaemon.store import queue
+    from icldaemon.store.memories import runs_of_prompts
+
+    if not prompt_ids:
+        return
+    with queue.connect(url) as connection:
+        runs = runs_of_prompts(connection, prompt_ids)
+    if runs:
+        listed = ", ".join(f"run {run_id} (prompt {prompt_id})" for prompt_id, run_id in sorted(runs.items()))
+        print(f"measured: {listed}; `icldaemon plot RUN_ID` draws one", file=sys.stderr)
 
 
 def _comma_separated_ints(what: str, example: str):
@@ -131,6 +149,17 @@ def _comma_separated_ints(what: str, example: str):
 
 _memory_ids = _comma_separated_ints("memory ids", "1,2,3")
 _layers = _comma_separated_ints("layer indices", "0,5,29")
+
+
+def _at_least_one(value: str) -> int:
+    """An argparse type for a count such as --limit."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
+    return number
 
 
 def cmd_submit(args, settings: Settings) -> int:
@@ -159,6 +188,67 @@ def cmd_status(args, settings: Settings) -> int:
         for error in errors:
             print(f"  prompt {error['id']} ({error['status']}, attempt {error['attempts']}, "
                   f"{error['at']:%Y-%m-%d %H:%M:%S}): {error['last_error']}")
+    return 0
+
+
+CONTENT_WIDTH = 60  # characters of a memory's content shown by `memories list`
+
+
+def _on_the_database(settings: Settings, work, *arguments):
+    """`work(connection, *arguments)` on a connection to the configured (or embedded) database."""
+    from icldaemon.store import queue
+    from icldaemon.store.database import database_url
+
+    with database_url(settings) as url, queue.connect(url) as connection:
+        return work(connection, *arguments)
+
+
+def cmd_memories_add(args, settings: Settings) -> int:
+    from icldaemon.store.memories import upsert_memory
+
+    upserted = _on_the_database(settings, upsert_memory, args.key, args.content)
+    print(upserted.memory_id)
+    print(f"memory {upserted.memory_id} ({args.key!r}) {upserted.outcome}", file=sys.stderr)
+    return 0
+
+
+def cmd_memories_list(args, settings: Settings) -> int:
+    from icldaemon.store.memories import list_memories
+
+    rows = _on_the_database(settings, list_memories, args.limit)
+    if not rows:
+        print("no memories yet (add one with `icldaemon memories add --key K --content C`)")
+        return 0
+    key_width = max(3, *(len(row["key"] or "") for row in rows))
+    print(f"{'id':>6}  {'key':<{key_width}}  {'retrieved':>9} {'measured':>8}  content")
+    for row in rows:
+        content = " ".join(row["content"].split())
+        if len(content) > CONTENT_WIDTH:
+            content = content[:CONTENT_WIDTH - 3] + "..."
+        print(f"{row['id']:>6}  {row['key'] or '':<{key_width}}  {row['retrievals']:>9} {row['measured']:>8}  "
+              f"{content}")
+    if rows[0]["total"] > len(rows):
+        print(f"the first {len(rows)} of {rows[0]['total']} memories; --limit shows more")
+    return 0
+
+
+def cmd_runs(args, settings: Settings) -> int:
+    from icldaemon.store.memories import recent_runs
+
+    rows = _on_the_database(settings, recent_runs, args.limit)
+    if not rows:
+        print("no measurement runs yet (`icldaemon run --once` measures the queued prompts)")
+        return 0
+    print(f"{'run':>6} {'prompt':>6}  {'session':<36}  {'tokens':>6} {'context':>7} {'memories':>8}  "
+          f"{'max |logit err|':>15} {'seconds':>8} {'x forward':>9}  measured at")
+    for row in rows:
+        error = "-" if row["max_abs_logit_error"] is None else f"{row['max_abs_logit_error']:.2e}"
+        seconds = "-" if row["measure_s"] is None else f"{row['measure_s']:.2f}"
+        ratio = ("-" if row["measure_s"] is None or not row["plain_forward_s"]
+                 else f"{row['measure_s'] / row['plain_forward_s']:.1f}")
+        print(f"{row['run_id']:>6} {row['prompt_id']:>6}  {str(row['session_id'] or '-'):<36}  "
+              f"{row['total_tokens']:>6} {row['context_tokens']:>7} {row['memories']:>8}  {error:>15} "
+              f"{seconds:>8} {ratio:>9}  {row['created_at']:%Y-%m-%d %H:%M:%S}")
     return 0
 
 
@@ -338,6 +428,21 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="queue counts by status and the last errors")
     status.add_argument("--errors", type=int, default=5, help="how many recent errors to show (default 5)")
     status.set_defaults(handler=cmd_status)
+
+    memories = commands.add_parser("memories", help="add or update a memory by key, or list the memories")
+    memory_commands = memories.add_subparsers(dest="memories_command", required=True)
+    memories_add = memory_commands.add_parser(
+        "add", help="set the content of the (lowest-id) memory with this key, or add one; prints its id")
+    memories_add.add_argument("--key", required=True, help="the memory's key, e.g. \"pet\"")
+    memories_add.add_argument("--content", required=True, help="the memory's text, as it is put into prompts")
+    memories_add.set_defaults(handler=cmd_memories_add)
+    memories_list = memory_commands.add_parser("list", help="the memories by id, with how often each was used")
+    memories_list.add_argument("--limit", type=_at_least_one, default=100, help="how many, by id (default 100)")
+    memories_list.set_defaults(handler=cmd_memories_list)
+
+    runs = commands.add_parser("runs", help="the newest measurement runs: ids for `icldaemon plot`, exactness, cost")
+    runs.add_argument("--limit", type=_at_least_one, default=20, help="how many, newest first (default 20)")
+    runs.set_defaults(handler=cmd_runs)
 
     consolidate = commands.add_parser(
         "consolidate", help="fit the stored answer patches of memories (or sessions) into PEFT LoRA adapters")

@@ -1,8 +1,9 @@
 """The demo of the whole service on the embedded defaults.
 
-Starts the embedded PostgreSQL, migrates it, inserts example memories and prompts (few-shot examples,
-a memory-augmented chat) as an application would, runs the daemon until they are measured, and prints
-from SQL what was learned where. Runs with no configuration: the embedded database and the bundled model.
+Starts the embedded PostgreSQL, migrates it, stores example memories (by key: a second run reuses them and
+their ids) and queues prompts (few-shot examples, a memory-augmented chat) as an application would, runs the
+daemon until they are measured, and prints from SQL what was learned where, with the ids of the memories and
+runs. Runs with no configuration: the embedded database and the bundled model.
 """
 
 import sys
@@ -17,9 +18,11 @@ from icldaemon.logs import configure_logging
 from icldaemon.settings import load_settings
 from icldaemon.store import queue
 from icldaemon.store.database import database_url
+from icldaemon.store.memories import runs_of_prompts, upsert_memory
 from icldaemon.store.migrate import current, upgrade
 from icldaemon.store.queries import load_queries
 
+# Stored in this order, so that a fresh database numbers them 1, 2, 3 as examples/memories.json and README do.
 MEMORIES = {
     "pet": "The user has a grey cat called Miso.",
     "favourite colour": "The user's favourite colour is teal.",
@@ -48,13 +51,12 @@ QUERIES = load_queries()
 BAR_WIDTH = 40  # characters for the largest per-layer update
 
 
-def _insert_examples(connection, session_id: uuid.UUID) -> dict[int, str]:
-    with connection.transaction():
-        memory_ids = {
-            key: connection.execute("INSERT INTO memories (key, content) VALUES (%s, %s) RETURNING id",
-                                    (key, content)).fetchone()[0]
-            for key, content in MEMORIES.items()
-        }
+def _store_memories(connection) -> dict[str, int]:
+    """The example memories upserted by key: key -> id."""
+    return {key: upsert_memory(connection, key, content).memory_id for key, content in MEMORIES.items()}
+
+
+def _insert_examples(connection, session_id: uuid.UUID, memory_ids: dict[str, int]) -> dict[int, str]:
     titles = {}
     for title, example in PROMPTS:
         example = dict(example)
@@ -67,19 +69,20 @@ def _insert_examples(connection, session_id: uuid.UUID) -> dict[int, str]:
 
 def _report(connection, session_id: uuid.UUID, titles: dict[int, str]) -> None:
     parameters = {"session_id": session_id}
+    run_ids = runs_of_prompts(connection, list(titles))
     print("\nPer prompt: the exact patch reproduces the model (error), and what the whole context changes (KL)")
-    print(f"{'prompt':<28} {'context':>7} {'layers':>6} {'max |logit err|':>15} {'patch KL':>9} "
+    print(f"{'prompt':<28} {'run':>5} {'context':>7} {'layers':>6} {'max |logit err|':>15} {'patch KL':>9} "
           f"{'context KL':>10} {'seconds':>7}")
     for row in connection.execute(QUERIES["session_prompt_exactness"], parameters):
         prompt_id, _kind, context, layers, error, exactness_kl, context_kl, seconds = row
-        print(f"{titles.get(prompt_id, prompt_id):<28} {context:>7} {layers:>6} {error:>15.2e} {exactness_kl:>9.1e} "
-              f"{context_kl:>10.4f} {seconds:>7.2f}")
+        print(f"{titles.get(prompt_id, prompt_id):<28} {run_ids.get(prompt_id, '-'):>5} {context:>7} {layers:>6} "
+              f"{error:>15.2e} {exactness_kl:>9.1e} {context_kl:>10.4f} {seconds:>7.2f}")
     print("\nPer memory: how much the answer depends on it (KL when removed) and the size of its weight patch")
-    print(f"{'memory':<18} {'runs':>4} {'mean KL':>9} {'mean ||dW||F':>13} {'mean ||db||':>12}")
-    for _memory_id, key, runs, mean_kl, update_norm, bias_norm in connection.execute(
+    print(f"{'id':>3} {'memory':<18} {'runs':>4} {'mean KL':>9} {'mean ||dW||F':>13} {'mean ||db||':>12}")
+    for memory_id, key, runs, mean_kl, update_norm, bias_norm in connection.execute(
         QUERIES["session_memory_effects"], parameters
     ):
-        print(f"{key:<18} {runs:>4} {mean_kl:>9.4f} {update_norm:>13.4f} {bias_norm:>12.4f}")
+        print(f"{memory_id:>3} {key:<18} {runs:>4} {mean_kl:>9.4f} {update_norm:>13.4f} {bias_norm:>12.4f}")
     print("\nPer layer: the implicit update after the whole context (mean over the prompts)")
     print(f"{'layer':>5} {'||dW||F':>9} {'||db||':>9}")
     layers = connection.execute(QUERIES["session_final_update_norm_by_layer"], parameters).fetchall()
@@ -87,6 +90,9 @@ def _report(connection, session_id: uuid.UUID, titles: dict[int, str]) -> None:
     for layer_idx, update_norm, bias_norm in layers:
         print(f"{layer_idx:>5} {update_norm:>9.4f} {bias_norm:>9.4f}  {'#' * round(BAR_WIDTH * update_norm / largest)}")
     connection.rollback()
+    if run_ids:
+        print(f"\nDraw a run: icldaemon plot {min(run_ids.values())} --out run.png (`icldaemon runs` lists them, "
+              "`icldaemon memories list` the memories)")
 
 
 def main() -> int:
@@ -100,7 +106,9 @@ def main() -> int:
             upgrade(url)
             print(f"database ready at schema revision {current(url)}")
             with queue.connect(url) as connection:
-                titles = _insert_examples(connection, session_id)
+                memory_ids = _store_memories(connection)
+                titles = _insert_examples(connection, session_id, memory_ids)
+            print("memories: " + ", ".join(f"{memory_id} {key}" for key, memory_id in memory_ids.items()))
             print(f"queued {len(titles)} prompts (session {session_id})")
             with tqdm(total=len(titles), desc="measuring", unit="prompt", file=sys.stderr) as progress:
                 worker = Worker.from_settings(url, loaded, DaemonSettings(), worker_id="demo",

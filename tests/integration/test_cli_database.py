@@ -48,6 +48,8 @@ def prompt_file(tmp_path):
         (["plot", "1"], NOT_A_NUMBER_PORT, "its port is not a number"),
         (["adapters"], NOT_A_URL, "it is not of the form scheme://..."),
         (["consolidate", "--memory-id", "1"], NOT_A_NUMBER_PORT, "its port is not a number"),
+        (["memories", "list"], NOT_A_URL, "it is not of the form scheme://..."),
+        (["runs"], NOT_A_NUMBER_PORT, "its port is not a number"),
         (["migrate"], NOT_A_URL, "it is not of the form scheme://..."),
     ],
 )
@@ -59,7 +61,7 @@ def test_a_malformed_database_url_is_one_line_naming_the_variable(tmp_path, prom
     assert PASSWORD not in result.stderr
 
 
-@pytest.mark.parametrize("command", [["status"], ["migrate"]])
+@pytest.mark.parametrize("command", [["status"], ["migrate"], ["memories", "add", "--key", "pet", "--content", "a"]])
 def test_another_databases_url_is_refused_by_its_scheme_before_connecting(tmp_path, command):
     result = icldaemon(*command, url=MYSQL, tmp_path=tmp_path)
 
@@ -83,6 +85,9 @@ def test_postgres_and_psycopg_schemes_are_accepted(tmp_path, database_url):
         (["submit", "--text-file", "prompt.txt"], "submitting a prompt"),
         (["plot", "1"], "reading measurement run 1"),
         (["adapters"], "listing adapters"),
+        (["memories", "list"], "listing memories"),
+        (["memories", "add", "--key", "pet", "--content", "A cat called Miso."], "storing memory 'pet'"),
+        (["runs"], "listing measurement runs"),
     ],
 )
 def test_an_unmigrated_database_says_to_run_migrate(tmp_path, prompt_file, empty_database_url, command, action):
