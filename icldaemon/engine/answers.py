@@ -84,6 +84,31 @@ def greedy_answer(model: PreTrainedModel, input_ids: Sequence[int], max_new_toke
     return output[0, ids.shape[1]:].tolist()
 
 
+@torch.no_grad()
+def greedy_answers(model: PreTrainedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int = ANSWER_TOKENS,
+                   stop_ids: Sequence[int] = (), batch_size: int = 16) -> list[list[int]]:
+    """`greedy_answer` for many prompts, in left-padded batches (several times faster on a CPU).
+
+    Each answer ends at its first stop token. Padding changes the arithmetic's order, so compare batched
+    answers with batched answers.
+    """
+    stop = list(stop_ids)
+    pad = stop[0] if stop else 0
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop or None,
+                              pad_token_id=pad)
+    answers = []
+    for first in range(0, len(prompts), batch_size):
+        batch = [list(ids) for ids in prompts[first : first + batch_size]]
+        width = max(len(ids) for ids in batch)
+        ids = torch.tensor([[pad] * (width - len(row)) + row for row in batch], device=model.device)
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in batch], device=model.device)
+        output = model.generate(ids, attention_mask=mask, generation_config=config)[:, width:].tolist()
+        for row in output:
+            ends = [index for index, token in enumerate(row) if token in stop]
+            answers.append(row[: ends[0] + 1] if ends else row)
+    return answers
+
+
 # ---- the exact patch at every answer position ----------------------------------------------------------
 
 

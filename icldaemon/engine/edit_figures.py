@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from icldaemon.engine.answers import ANSWER_TOKENS, DownProjectionPatch, applied, greedy_answer
+from icldaemon.engine.answers import ANSWER_TOKENS, DownProjectionPatch, applied, greedy_answer, greedy_answers
 from icldaemon.exceptions import BadInputError, NumericalError
 
 Said = Callable[[str], bool]  # whether a decoded answer says the memory's fact
@@ -139,7 +139,7 @@ def neutral_baseline(model: PreTrainedModel, prompts: Sequence[Sequence[int]], *
     return NeutralBaseline(
         prompts=prompts,
         log_probs=[_log_probs(model, ids, -1) for ids in prompts],
-        continuations=[greedy_answer(model, ids, answer_tokens, stop_ids) for ids in prompts],
+        continuations=greedy_answers(model, prompts, answer_tokens, stop_ids),
     )
 
 
@@ -147,14 +147,14 @@ def neutral_baseline(model: PreTrainedModel, prompts: Sequence[Sequence[int]], *
 def specificity(model: PreTrainedModel, patch: DownProjectionPatch, baseline: NeutralBaseline, *,
                 answer_tokens: int = ANSWER_TOKENS, stop_ids: Sequence[int] = ()) -> Specificity:
     """What the adapter does to prompts it has nothing to do with."""
-    kls, same_token, same_continuation = [], [], []
+    kls, same_token = [], []
     with applied(model, patch):
-        for ids, base_log_probs, base_continuation in zip(baseline.prompts, baseline.log_probs,
-                                                          baseline.continuations, strict=True):
+        for ids, base_log_probs in zip(baseline.prompts, baseline.log_probs, strict=True):
             adapted = _log_probs(model, ids, -1)
             kls.append(float(_kl(base_log_probs, adapted)))
             same_token.append(int(adapted.argmax()) == int(base_log_probs.argmax()))
-            same_continuation.append(greedy_answer(model, ids, answer_tokens, stop_ids) == base_continuation)
+        continuations = greedy_answers(model, baseline.prompts, answer_tokens, stop_ids)
+    same_continuation = [ours == base for ours, base in zip(continuations, baseline.continuations, strict=True)]
     return Specificity(prompts=len(kls), mean_kl=float(np.mean(kls)),
                        next_token_unchanged=float(np.mean(same_token)),
                        continuation_unchanged=float(np.mean(same_continuation)))

@@ -1,6 +1,5 @@
 -- name: scope_groups --
--- Groups of a scope (memory, session or all; or only scope_key) with min_patches answer patches of this model,
--- revision and method version that no adapter of the group has used.
+-- Groups of a scope (or only scope_key) with min_patches answer patches of this model, revision and method version unused by its adapters.
 WITH patches AS (
     SELECT answers.run_id, answers.memory_id,
            CASE %(scope)s WHEN 'memory' THEN 'memory:' || answers.memory_id
@@ -33,8 +32,7 @@ WHERE new_patches >= %(min_patches)s
 ORDER BY scope_key;
 
 -- name: scope_answer_patches --
--- Every answer patch of one group (scope_key) of this model, revision and method version, oldest run first, with
--- its prompt.
+-- Every answer patch of one group (scope_key) of this model, revision and method version, oldest run first.
 SELECT answers.run_id, answers.memory_id, measurement_runs.prompt_id, answers.num_layers, answers.d_model,
        answers.answer_ids, answers.a_tilde, answers.value, answers.max_abs_log_prob_error
 FROM memory_answer_patches AS answers
@@ -108,8 +106,7 @@ WHERE adapter_patches.adapter_id = %(adapter_id)s
   AND memory_patches.run_id = adapter_patches.run_id AND memory_patches.memory_id = adapter_patches.memory_id;
 
 -- name: list_adapters --
--- Every adapter version, newest first, with its status and figures; current: the newest accepted version of its
--- model and group.
+-- Every adapter version, newest first, with its status and figures; current: the newest accepted of its group.
 SELECT id, scope_key, model, version, method, status, status_reason, rank, patch_count, held_out_count,
        with_memory_rate, without_memory_rate, adapter_rate, answer_kl_without, answer_kl_adapter, neutral_kl,
        neutral_next_token_unchanged, leak_rate, next_token_kl_share, recovered_all, path, created_at,

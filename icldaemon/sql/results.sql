@@ -27,8 +27,7 @@ VALUES (%(run_id)s, %(memory_id)s, %(model)s, %(model_revision)s, %(num_layers)s
         %(a_tilde)s, %(bias_delta)s);
 
 -- name: insert_memory_answer_patch --
--- One memory's patch at each answer position: the answer's token ids, a_tilde and value as float16
--- little-endian [num_layers, positions, d_model], and the patch check's largest log-probability error.
+-- One memory's patch at each answer position: answer ids, a_tilde and value (float16 [layers, positions, d_model]), check.
 INSERT INTO memory_answer_patches (run_id, memory_id, model, model_revision, num_layers, d_model, answer_ids, a_tilde,
                                    value, max_abs_log_prob_error)
 VALUES (%(run_id)s, %(memory_id)s, %(model)s, %(model_revision)s, %(num_layers)s, %(d_model)s, %(answer_ids)s,
