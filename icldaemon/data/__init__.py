@@ -1,0 +1,55 @@
+"""Shipped evaluation data for memory consolidation.
+
+`facts.json` holds facts about one fictional user, each with the memory as a store would hold it, the
+answer strings that show a generated reply names it, and 20 paraphrased questions whose answer it is.
+`neutral.json` holds chats that are about none of the facts: an adapter should leave them alone.
+`python -m icldaemon.data.screen` reproduces how often the bundled model names each fact with and
+without its memory in the prompt.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+__all__ = ["Fact", "load_facts", "load_neutral"]
+
+
+@dataclass(frozen=True)
+class Fact:
+    key: str  # the memory's key, e.g. "pet"
+    content: str  # the memory as a store holds it: one sentence
+    answer: tuple[str, ...]  # any of these found in a reply means the reply names the fact
+    questions: tuple[str, ...]  # paraphrased user questions whose answer is this fact
+
+    def said_in(self, text: str) -> bool:
+        """Whether `text` contains one of the answer strings, case-insensitively, as whole words.
+
+        "Ines" is not found in "lines", nor "9 August" in "19 August".
+        """
+        return _answer_pattern(self.answer).search(text) is not None
+
+
+@cache
+def _answer_pattern(answers: tuple[str, ...]) -> re.Pattern:
+    alternatives = "|".join(re.escape(answer) for answer in sorted(answers, key=len, reverse=True))
+    return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
+
+
+def _read(name: str):
+    return json.loads(resources.files(__name__).joinpath(name).read_text(encoding="utf-8"))
+
+
+def load_facts() -> list[Fact]:
+    """The facts about the fictional user, in file order."""
+    return [
+        Fact(key=item["key"], content=item["content"], answer=tuple(item["answer"]),
+             questions=tuple(item["questions"]))
+        for item in _read("facts.json")
+    ]
+
+
+def load_neutral() -> list[list[dict]]:
+    """The neutral prompts, each a chat (a list of {"role", "content"} messages)."""
+    return [[dict(message) for message in item["messages"]] for item in _read("neutral.json")]
