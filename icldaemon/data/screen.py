@@ -9,6 +9,11 @@ order; the fact's place among the three turns with the question's index). Withou
 system message is SYSTEM_PROMPT alone. The model answers greedily in MAX_NEW_TOKENS tokens, and a
 reply counts when `Fact.said_in` finds the fact in it. Prints, per fact, the count of questions
 answered with and without memory.
+
+On the bundled SmolLM2-135M-Instruct (CPU, float32, one thread, about 8 minutes) every fact is named
+with its memory on 12 to 16 of its 20 questions (166 of 240 in all) and without it on none. The
+model's failures are mostly refusals ("as a helpful assistant, I'm ...") to plain "What is my X?"
+questions, and now and then a distractor's value given instead; the questions keep a few of those.
 """
 
 import argparse
