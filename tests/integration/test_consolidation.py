@@ -175,9 +175,9 @@ def test_nan_in_a_stored_patch_fails_the_group_and_lists_nothing(database_url, t
 
 
 def _limit_file_size():
-    # a full disk, as the writer sees it: writes past 4 KiB fail with EFBIG instead of killing the process
+    # a full disk, as the writer sees it: writes past 1 KiB fail with EFBIG instead of killing the process
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))  # the tiny adapter is 3 KiB
 
 
 def test_a_failed_write_leaves_no_directory_and_no_row(database_url, tiny, tiny_dir, tmp_path):

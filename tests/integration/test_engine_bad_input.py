@@ -41,8 +41,11 @@ def test_non_finite_activations_are_named():
 
 
 def test_unknown_model_path(tmp_path):
-    with pytest.raises(ModelLoadError, match="is not a model directory"):
+    with pytest.raises(ModelLoadError, match="was read as a path .* does not exist"):
         load_model(str(tmp_path / "nowhere"), models_dir=tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="is not a model directory"):
+        load_model(str(tmp_path / "empty"), models_dir=tmp_path)
 
 
 def test_bad_stride():
