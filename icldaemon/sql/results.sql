@@ -2,11 +2,11 @@
 -- One measurement run of one prompt; returns its id.
 INSERT INTO measurement_runs (
     prompt_id, model, dtype, device, num_layers, total_tokens, context_tokens, anchor_tokens, query_position,
-    stride, plain_forward_s, measure_s, max_abs_logit_error, exactness_kl, context_kl, method_version
+    stride, plain_forward_s, measure_s, max_abs_logit_error, exactness_kl, context_kl, method_version, prompt_hash
 ) VALUES (
     %(prompt_id)s, %(model)s, %(dtype)s, %(device)s, %(num_layers)s, %(total_tokens)s, %(context_tokens)s,
     %(anchor_tokens)s, %(query_position)s, %(stride)s, %(plain_forward_s)s, %(measure_s)s,
-    %(max_abs_logit_error)s, %(exactness_kl)s, %(context_kl)s, %(method_version)s
+    %(max_abs_logit_error)s, %(exactness_kl)s, %(context_kl)s, %(method_version)s, %(prompt_hash)s
 )
 RETURNING id;
 

@@ -21,7 +21,7 @@ ALTER ROLE {role} SET default_transaction_read_only = on;
 GRANT CONNECT ON DATABASE {database} TO {writer}, {reader};
 
 -- name: grant_writer_schema --
--- The writer uses public, and creates tables there only for the monthly partitions of icl_dynamics_log.
+-- The writer uses public, and creates tables there only for the monthly partitions of the log's tables.
 GRANT USAGE, CREATE ON SCHEMA public TO {writer};
 
 -- name: grant_writer_tables --
@@ -53,9 +53,10 @@ ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO {reader};
 ALTER DEFAULT PRIVILEGES GRANT USAGE ON SCHEMAS TO {reader};
 
 -- name: icl_dynamics_log_tables --
--- icl_dynamics_log and its partitions, with schema and owner: the writer must own them to add and drop partitions.
+-- The log's tables (icl_dynamics_layers, icl_dynamics_tokens) and their partitions, with schema and owner: the writer must own them to add and drop partitions.
 SELECT pg_namespace.nspname AS schema_name, pg_class.relname AS table_name, pg_get_userbyid(pg_class.relowner) AS owner
-FROM pg_partition_tree('icl_dynamics_log') AS tree
+FROM unnest(ARRAY['icl_dynamics_layers', 'icl_dynamics_tokens']::regclass[]) AS log_table(relid)
+CROSS JOIN LATERAL pg_partition_tree(log_table.relid) AS tree
 JOIN pg_class ON pg_class.oid = tree.relid
 JOIN pg_namespace ON pg_namespace.oid = pg_class.relnamespace
 ORDER BY tree.level, pg_class.relname;

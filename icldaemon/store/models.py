@@ -9,7 +9,8 @@ import uuid
 from typing import Any
 
 from sqlalchemy import (
-    SmallInteger,
+    DDL,
+    REAL,
     BigInteger,
     CheckConstraint,
     DateTime,
@@ -25,6 +26,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
+    event,
     func,
 )
 from sqlalchemy import text as sql_text
@@ -40,7 +42,14 @@ NAMING_CONVENTION = {
 }
 
 
-BRIN_PAGES_PER_RANGE = 8  # pages of icl_dynamics_log per BRIN summary (as in migration 0001)
+DYNAMICS_COLUMNS = (
+    "delta_norm",
+    "update_frobenius_norm",
+    "marginal_update_norm",
+    "cumulative_update_norm",
+    "implicit_learning_rate",
+    "bias_update_norm",
+)
 
 
 class Base(DeclarativeBase):
@@ -121,41 +130,105 @@ class MemoryRetrieval(Base):
     score: Mapped[float | None]
 
 
-class IclDynamicsLog(Base):
-    """One row per (measurement run, layer, context token). Partitioned by month of created_at."""
+class IclDynamicsLayers(Base):
+    """One row per (measurement run, layer): the six quantities over the run's context tokens, float32 arrays.
 
-    __tablename__ = "icl_dynamics_log"
+    Entry i of each array is context token i (NULL where a stride skipped the prefix). Users read these
+    rows through the view icl_dynamics_log, one row per (run, layer, token); the storage layout and why
+    it is this one: docs/method.md §8. Partitioned by month of created_at, like icl_dynamics_tokens.
+    """
+
+    __tablename__ = "icl_dynamics_layers"
     __table_args__ = (
-        # An append-only log written by COPY: a run's rows are contiguous and run ids and times only
-        # grow, so block-range (BRIN) indexes find a run or a time range for almost no write cost. A
-        # primary key, an identity column and btrees on it held COPY to less than half the rate.
-        # Filter sessions through measurement_runs/prompts and join on run_id.
-        Index("icl_dynamics_log_run_id_brin", "run_id", postgresql_using="brin",
-              postgresql_with={"pages_per_range": BRIN_PAGES_PER_RANGE}),
-        Index("icl_dynamics_log_created_at_brin", "created_at", postgresql_using="brin"),
+        # A run's rows are found by run_id (the primary key's prefix); times only grow, so a block-range
+        # index serves a time range for almost nothing.
+        Index("icl_dynamics_layers_created_at_brin", "created_at", postgresql_using="brin"),
         {"postgresql_partition_by": "RANGE (created_at)"},
     )
-    # No primary key in the database; the ORM needs one to map rows, and this triple is unique.
-    __mapper_args__ = {"primary_key": ("run_id", "layer_idx", "token_idx")}
 
-    run_id: Mapped[int] = mapped_column(BigInteger)
-    prompt_id: Mapped[int | None] = mapped_column(BigInteger)
-    session_id: Mapped[uuid.UUID | None]
-    prompt_hash: Mapped[str | None]
-    model: Mapped[str | None]
-    layer_idx: Mapped[int]
-    token_idx: Mapped[int]
-    token_position: Mapped[int | None]
-    token_text: Mapped[str | None]
-    segment: Mapped[str | None]
-    memory_id: Mapped[int | None] = mapped_column(BigInteger)
-    delta_norm: Mapped[float | None]
-    update_frobenius_norm: Mapped[float | None]
-    marginal_update_norm: Mapped[float | None]
-    cumulative_update_norm: Mapped[float | None]
-    implicit_learning_rate: Mapped[float | None]
-    bias_update_norm: Mapped[float | None]
-    created_at: Mapped[datetime.datetime] = mapped_column(server_default=func.now())
+    run_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    layer_idx: Mapped[int] = mapped_column(primary_key=True)
+    # the partition key belongs to every unique key of a partitioned table; one run has one time
+    created_at: Mapped[datetime.datetime] = mapped_column(primary_key=True, server_default=func.now())
+    delta_norm: Mapped[list[float | None]] = mapped_column(ARRAY(REAL))  # [context_tokens]
+    update_frobenius_norm: Mapped[list[float | None]] = mapped_column(ARRAY(REAL))  # [context_tokens]
+    marginal_update_norm: Mapped[list[float | None]] = mapped_column(ARRAY(REAL))  # [context_tokens]
+    cumulative_update_norm: Mapped[list[float | None]] = mapped_column(ARRAY(REAL))  # [context_tokens]
+    implicit_learning_rate: Mapped[list[float | None]] = mapped_column(ARRAY(REAL))  # [context_tokens]
+    bias_update_norm: Mapped[list[float | None]] = mapped_column(ARRAY(REAL))  # [context_tokens]
+
+
+class IclDynamicsTokens(Base):
+    """One row per measurement run: its context tokens' position in the prompt, text, segment and memory.
+
+    Entry i of each array is context token i, as in icl_dynamics_layers; partitioned by month alike.
+    """
+
+    __tablename__ = "icl_dynamics_tokens"
+    __table_args__ = ({"postgresql_partition_by": "RANGE (created_at)"},)
+
+    run_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    created_at: Mapped[datetime.datetime] = mapped_column(primary_key=True, server_default=func.now())
+    token_position: Mapped[list[int]] = mapped_column(ARRAY(Integer))  # [context_tokens]
+    token_text: Mapped[list[str]] = mapped_column(ARRAY(Text))  # [context_tokens]
+    segment: Mapped[list[str | None]] = mapped_column(ARRAY(Text))  # [context_tokens]
+    memory_id: Mapped[list[int | None]] = mapped_column(ARRAY(BigInteger))  # [context_tokens]
+
+
+# The quantities' arrays are stored out of line without compression: float32 measurements do not
+# compress, and trying costs every write (docs/method.md §8). Partitions inherit it.
+for _column in DYNAMICS_COLUMNS:
+    event.listen(IclDynamicsLayers.__table__, "after_create",
+                 DDL(f"ALTER TABLE icl_dynamics_layers ALTER COLUMN {_column} SET STORAGE EXTERNAL"))
+
+# One row per (measurement run, layer, context token), with the run's own columns from measurement_runs
+# and prompts: the table of the original brief, now a view over the arrays. The set-returning functions
+# sit in the select list, where PostgreSQL steps through the arrays together without materialising each
+# one; a filter on run_id or layer_idx reaches the index on icl_dynamics_layers.
+ICL_DYNAMICS_LOG_VIEW = """
+CREATE VIEW icl_dynamics_log AS
+SELECT logged.run_id,
+       runs.prompt_id,
+       prompts.session_id,
+       runs.prompt_hash,
+       runs.model,
+       logged.layer_idx,
+       logged.token_idx,
+       logged.token_position,
+       logged.token_text,
+       logged.segment,
+       logged.memory_id,
+       logged.delta_norm,
+       logged.update_frobenius_norm,
+       logged.marginal_update_norm,
+       logged.cumulative_update_norm,
+       logged.implicit_learning_rate,
+       logged.bias_update_norm,
+       logged.created_at
+FROM (
+    SELECT layers.run_id,
+           layers.layer_idx,
+           layers.created_at,
+           generate_subscripts(layers.delta_norm, 1) - 1 AS token_idx,
+           unnest(tokens.token_position) AS token_position,
+           unnest(tokens.token_text) AS token_text,
+           unnest(tokens.segment) AS segment,
+           unnest(tokens.memory_id) AS memory_id,
+           unnest(layers.delta_norm)::double precision AS delta_norm,
+           unnest(layers.update_frobenius_norm)::double precision AS update_frobenius_norm,
+           unnest(layers.marginal_update_norm)::double precision AS marginal_update_norm,
+           unnest(layers.cumulative_update_norm)::double precision AS cumulative_update_norm,
+           unnest(layers.implicit_learning_rate)::double precision AS implicit_learning_rate,
+           unnest(layers.bias_update_norm)::double precision AS bias_update_norm
+    FROM icl_dynamics_layers AS layers
+    LEFT JOIN icl_dynamics_tokens AS tokens
+           ON tokens.run_id = layers.run_id AND tokens.created_at = layers.created_at
+) AS logged
+LEFT JOIN measurement_runs AS runs ON runs.id = logged.run_id
+LEFT JOIN prompts ON prompts.id = runs.prompt_id
+"""
+event.listen(Base.metadata, "after_create", DDL(ICL_DYNAMICS_LOG_VIEW))
+event.listen(Base.metadata, "before_drop", DDL("DROP VIEW IF EXISTS icl_dynamics_log"))
 
 
 class MeasurementRun(Base):
@@ -184,6 +257,9 @@ class MeasurementRun(Base):
     # Which definition of prefixes and removal produced the run (docs/method.md; added by migration 0005,
     # hence last): 1 left gaps in the positions, 2 measures prompts that could be sent.
     method_version: Mapped[int] = mapped_column(SmallInteger)
+    # sha256 of the token ids (little-endian int64), once per run (added by migration 0007, hence last;
+    # it was a column of every icl_dynamics_log row before)
+    prompt_hash: Mapped[str | None]
 
 
 class MemoryEffect(Base):

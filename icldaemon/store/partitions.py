@@ -1,4 +1,9 @@
-"""Monthly partitions of icl_dynamics_log, named icl_dynamics_log_yYYYYmMM, bounded by months in UTC."""
+"""Monthly partitions of the log's tables, icl_dynamics_layers and icl_dynamics_tokens, bounded by months in UTC.
+
+A month's partitions are named after their table, `icl_dynamics_layers_y2026m03` and
+`icl_dynamics_tokens_y2026m03`, and always made (and dropped, store/retention.py) together: a run's
+rows in both tables carry the same created_at, so they always lie in the same month's pair.
+"""
 
 import datetime
 import re
@@ -11,9 +16,8 @@ from icldaemon.store.database import translate_errors
 from icldaemon.store.queries import load_queries
 
 DEFAULT_MONTHS_AHEAD = 2  # months after the current one
-PARTITION_PREFIX = "icl_dynamics_log_y"
-DEFAULT_PARTITION = "icl_dynamics_log_default"
-_PARTITION_NAME = re.compile(rf"^{PARTITION_PREFIX}\d{{4}}m\d{{2}}$")
+LOG_TABLES = ("icl_dynamics_layers", "icl_dynamics_tokens")  # read together through the view icl_dynamics_log
+MONTHLY_PARTITION = re.compile(rf"^(?P<table>{'|'.join(LOG_TABLES)})_y(?P<year>\d{{4}})m(?P<month>\d{{2}})$")
 
 QUERIES = load_queries()
 
@@ -24,13 +28,20 @@ def month_start(day: datetime.date, months_later: int = 0) -> datetime.datetime:
     return datetime.datetime(month_index // 12, month_index % 12 + 1, 1, tzinfo=datetime.UTC)
 
 
-def partition_name(month: datetime.date) -> str:
-    return f"{PARTITION_PREFIX}{month.year:04d}m{month.month:02d}"
+def partition_name(table: str, month: datetime.date) -> str:
+    """The name of `table`'s partition for `month`'s rows."""
+    return f"{table}_y{month.year:04d}m{month.month:02d}"
+
+
+def default_partition(table: str) -> str:
+    """The name of `table`'s default partition, which holds rows outside every monthly one."""
+    return f"{table}_default"
 
 
 def is_partition(table_name: str) -> bool:
-    """Whether a table is one of icl_dynamics_log's partitions, which the models do not describe."""
-    return table_name == DEFAULT_PARTITION or _PARTITION_NAME.match(table_name) is not None
+    """Whether a table is one of the log's partitions, which the models do not describe."""
+    return (table_name in {default_partition(table) for table in LOG_TABLES}
+            or MONTHLY_PARTITION.match(table_name) is not None)
 
 
 def ensure_partitions(
@@ -38,7 +49,7 @@ def ensure_partitions(
 ) -> list[str]:
     """Create the monthly partitions from this month (UTC) to `months_ahead` months later that do not exist.
 
-    Rows of those months that already landed in the default partition move into the new partitions.
+    Rows of those months that already landed in a default partition move into the new partitions.
     Runs in the caller's transaction (commit to keep the partitions) and returns the names it created.
     """
     if months_ahead < 0:
@@ -52,27 +63,29 @@ def ensure_partitions(
         return conn.exec_driver_sql(statement, parameters) if parameters else conn.exec_driver_sql(statement)
 
     created: list[str] = []
-    with translate_errors(url, "creating partitions of icl_dynamics_log"):
+    with translate_errors(url, "creating partitions of icl_dynamics_layers and icl_dynamics_tokens"):
         execute("lock_icl_dynamics_log_partitions")
         existing = set(execute("list_icl_dynamics_log_partitions").scalars())
         for months_later in range(months_ahead + 1):
             range_start = month_start(today, months_later)
             range_end = month_start(today, months_later + 1)
-            name = partition_name(range_start)
-            if name in existing:
-                continue
-            partition = sql.Identifier(name)
-            execute("create_icl_dynamics_log_partition_table", partition=partition)
-            execute(
-                "move_rows_from_icl_dynamics_log_default",
-                {"range_start": range_start, "range_end": range_end},
-                partition=partition,
-            )
-            execute(
-                "attach_icl_dynamics_log_partition",
-                partition=partition,
-                range_start=sql.Literal(range_start),
-                range_end=sql.Literal(range_end),
-            )
-            created.append(name)
+            for table in LOG_TABLES:
+                name = partition_name(table, range_start)
+                if name in existing:
+                    continue
+                identifiers = {"table": sql.Identifier(table), "partition": sql.Identifier(name)}
+                execute("create_icl_dynamics_log_partition_table", **identifiers)
+                execute(
+                    "move_rows_from_icl_dynamics_log_default",
+                    {"range_start": range_start, "range_end": range_end},
+                    default=sql.Identifier(default_partition(table)),
+                    **identifiers,
+                )
+                execute(
+                    "attach_icl_dynamics_log_partition",
+                    range_start=sql.Literal(range_start),
+                    range_end=sql.Literal(range_end),
+                    **identifiers,
+                )
+                created.append(name)
     return created

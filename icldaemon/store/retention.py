@@ -1,23 +1,22 @@
-"""Retention of icl_dynamics_log: whole monthly partitions whose every row is older than the retention are dropped.
+"""Retention of the log: whole monthly partitions whose every row is older than the retention are dropped.
 
-Dropping a partition costs nothing next to deleting its rows one by one, and leaves no dead tuples to
-vacuum. A month is dropped only once its end lies `retention_days` in the past, so a row is kept at
-least that long and at most a month longer. measurement_runs and the memory tables are kept: they are
-small, and consolidation reads the memory patches.
+The log's tables (icl_dynamics_layers and icl_dynamics_tokens, read through the view
+icl_dynamics_log) are partitioned alike by month; a month's partitions of both go together. Dropping a
+partition costs nothing next to deleting its rows one by one, and leaves no dead tuples to vacuum. A
+month is dropped only once its end lies `retention_days` in the past, so a row is kept at least that
+long and at most a month longer. measurement_runs and the memory tables are kept: they are small, and
+consolidation reads the memory patches.
 """
 
 import datetime
-import re
 
 from psycopg import sql
 from sqlalchemy.engine import Connection
 
 from icldaemon.exceptions import ConfigurationError
 from icldaemon.store.database import translate_errors
-from icldaemon.store.partitions import PARTITION_PREFIX, month_start
+from icldaemon.store.partitions import MONTHLY_PARTITION, month_start
 from icldaemon.store.queries import load_queries
-
-_MONTHLY_PARTITION = re.compile(rf"^{PARTITION_PREFIX}(?P<year>\d{{4}})m(?P<month>\d{{2}})$")
 
 QUERIES = load_queries()
 
@@ -27,9 +26,9 @@ def expired_partitions(names: list[str], retention_days: float, now: datetime.da
     cutoff = now - datetime.timedelta(days=retention_days)
     expired = []
     for name in sorted(names):
-        match = _MONTHLY_PARTITION.match(name)
+        match = MONTHLY_PARTITION.match(name)
         if match is None:
-            continue  # the default partition holds rows of any time; partition maintenance empties it
+            continue  # a default partition holds rows of any time; partition maintenance empties it
         month = datetime.date(int(match["year"]), int(match["month"]), 1)
         if month_start(month, 1) <= cutoff:
             expired.append(name)
@@ -39,7 +38,7 @@ def expired_partitions(names: list[str], retention_days: float, now: datetime.da
 def drop_expired_partitions(
     conn: Connection, retention_days: float, *, now: datetime.datetime | None = None
 ) -> list[str]:
-    """Drop the monthly partitions of icl_dynamics_log older than the retention; returns their names.
+    """Drop the monthly partitions of the log's tables older than the retention; returns their names.
 
     Runs in the caller's transaction, serialised with partition creation by the same advisory lock.
     """
@@ -48,7 +47,7 @@ def drop_expired_partitions(
     now = now or datetime.datetime.now(datetime.UTC)
     url = conn.engine.url.render_as_string(hide_password=False)
     driver_connection = conn.connection.driver_connection
-    with translate_errors(url, "dropping expired partitions of icl_dynamics_log"):
+    with translate_errors(url, "dropping expired partitions of icl_dynamics_layers and icl_dynamics_tokens"):
         conn.exec_driver_sql(QUERIES["lock_icl_dynamics_log_partitions"])
         names = list(conn.exec_driver_sql(QUERIES["list_icl_dynamics_log_partitions"]).scalars())
         expired = expired_partitions(names, retention_days, now)

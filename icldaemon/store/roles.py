@@ -6,10 +6,11 @@ applies the grants in the database at `url`; every step can be repeated. Run it 
 as the role that owns the schema and runs the migrations: default privileges are recorded for the
 role that runs it, so that tables and views of later migrations are granted too.
 
-The writer reads and writes rows, creates tables in `public` only for the monthly partitions of
-icl_dynamics_log and owns that table and its partitions (PostgreSQL lets only an owner attach and
-drop partitions); it cannot alter or drop any other table, nor change the schema revision. The
-reader can read every table and view, and its sessions start read-only.
+The writer reads and writes rows, creates tables in `public` only for the monthly partitions of the
+log's tables (icl_dynamics_layers and icl_dynamics_tokens, behind the view icl_dynamics_log) and owns
+those tables and their partitions (PostgreSQL lets only an owner attach and drop partitions); it
+cannot alter or drop any other table, nor change the schema revision. The reader can read every
+table and view, and its sessions start read-only.
 """
 
 from dataclasses import dataclass, field

@@ -1,5 +1,7 @@
 import datetime
+import uuid
 
+import numpy as np
 import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -25,7 +27,7 @@ WHERE relnamespace = 'public'::regnamespace AND (relispartition OR relname = 'al
 """
 
 COLUMNS = """
-SELECT table_name, ordinal_position, column_name, data_type, is_nullable, column_default,
+SELECT table_name, ordinal_position, column_name, data_type, udt_name, is_nullable, column_default,
        is_identity, identity_generation
 FROM information_schema.columns
 WHERE table_schema = 'public' AND NOT table_name = ANY(%(not_compared)s)
@@ -61,6 +63,20 @@ PARTITION_KEYS = """
 SELECT partrelid::regclass::text, pg_get_partkeydef(partrelid) FROM pg_partitioned_table ORDER BY 1
 """
 
+VIEWS = """
+SELECT table_name, view_definition FROM information_schema.views WHERE table_schema = 'public' ORDER BY 1
+"""
+
+# how each column is stored: the log's float32 arrays out of line, uncompressed
+STORAGE = """
+SELECT pg_class.relname, pg_attribute.attname, pg_attribute.attstorage
+FROM pg_attribute
+JOIN pg_class ON pg_class.oid = pg_attribute.attrelid
+WHERE pg_class.relnamespace = 'public'::regnamespace AND pg_class.relkind IN ('r', 'p')
+  AND pg_attribute.attnum > 0 AND NOT pg_attribute.attisdropped AND NOT pg_class.relname = ANY(%(not_compared)s)
+ORDER BY 1, 2
+"""
+
 
 def schema_of(url: str) -> dict[str, list[tuple]]:
     with psycopg.connect(url) as connection:
@@ -72,6 +88,8 @@ def schema_of(url: str) -> dict[str, list[tuple]]:
             "constraint_columns": connection.execute(CONSTRAINT_COLUMNS, parameters).fetchall(),
             "indexes": connection.execute(INDEXES, parameters).fetchall(),
             "partition_keys": connection.execute(PARTITION_KEYS).fetchall(),
+            "views": connection.execute(VIEWS).fetchall(),
+            "storage": connection.execute(STORAGE, parameters).fetchall(),
         }
 
 
@@ -118,11 +136,16 @@ def test_upgrade_downgrade_upgrade(empty_database_url):
         "memory_answer_patches",
         "adapters",
         "adapter_patches",
-        "icl_dynamics_log",
-        "icl_dynamics_log_default",
-        "icl_dynamics_log_y2026m01",
-        "icl_dynamics_log_y2026m02",
+        "icl_dynamics_layers",
+        "icl_dynamics_layers_default",
+        "icl_dynamics_layers_y2026m01",
+        "icl_dynamics_layers_y2026m02",
+        "icl_dynamics_tokens",
+        "icl_dynamics_tokens_default",
+        "icl_dynamics_tokens_y2026m01",
+        "icl_dynamics_tokens_y2026m02",
     }
+    assert ("icl_dynamics_log", "v") in schema_objects(empty_database_url)
 
     migrate.downgrade(empty_database_url)
     assert migrate.current(empty_database_url) is None
@@ -194,29 +217,42 @@ def test_prompts_accepts_messages_or_text(database_url):
 # --- partitions
 
 
+def insert_layer_rows(connection, run_id: int, times: list[str]) -> None:
+    """One icl_dynamics_layers row (layer k at times[k]) and one icl_dynamics_tokens row per time, as for run_id."""
+    for layer_idx, created_at in enumerate(times):
+        connection.execute(
+            "INSERT INTO icl_dynamics_layers (run_id, layer_idx, created_at, delta_norm, update_frobenius_norm, "
+            "marginal_update_norm, cumulative_update_norm, implicit_learning_rate, bias_update_norm) "
+            "VALUES (%s, %s, %s, '{1}', '{1}', '{1}', '{1}', '{1}', '{1}')", (run_id, layer_idx, created_at))
+        connection.execute("INSERT INTO icl_dynamics_tokens (run_id, created_at, token_position, token_text, segment, "
+                           "memory_id) VALUES (%s, %s, '{3}', '{a}', '{context}', '{NULL}')", (run_id + layer_idx,
+                                                                                               created_at))
+
+
 def test_ensure_partitions_moves_rows_out_of_the_default_partition(database_url):
     with psycopg.connect(database_url) as connection:
-        connection.execute(
-            "INSERT INTO icl_dynamics_log (run_id, layer_idx, token_idx, created_at) "
-            "VALUES (1, 0, 0, '2026-03-31 23:59:59+00'), (1, 0, 1, '2026-04-01 00:00:00+00'), "
-            "(1, 0, 2, '2026-07-01 00:00:00+00')"
-        )
+        insert_layer_rows(connection, 1, ["2026-03-31 23:59:59+00", "2026-04-01 00:00:00+00", "2026-07-01 00:00:00+00"])
 
     created = create_monthly_partitions(database_url, datetime.date(2026, 3, 10), months_ahead=2)
     created_again = create_monthly_partitions(database_url, datetime.date(2026, 3, 10), months_ahead=2)
 
-    assert created == ["icl_dynamics_log_y2026m03", "icl_dynamics_log_y2026m04", "icl_dynamics_log_y2026m05"]
+    assert created == [f"icl_dynamics_{table}_y2026m{month:02d}"
+                       for month in (3, 4, 5) for table in ("layers", "tokens")]
     assert created_again == []
     with psycopg.connect(database_url) as connection:
-        placement = connection.execute(
-            "SELECT token_idx, tableoid::regclass::text FROM icl_dynamics_log ORDER BY token_idx"
-        ).fetchall()
-        connection.execute("INSERT INTO icl_dynamics_log (run_id, layer_idx, token_idx) VALUES (2, 0, 0)")
-    assert placement == [
-        (0, "icl_dynamics_log_y2026m03"),
-        (1, "icl_dynamics_log_y2026m04"),
-        (2, "icl_dynamics_log_default"),
-    ]
+        layers = connection.execute(
+            "SELECT layer_idx, tableoid::regclass::text FROM icl_dynamics_layers ORDER BY layer_idx").fetchall()
+        tokens = connection.execute(
+            "SELECT run_id, tableoid::regclass::text FROM icl_dynamics_tokens ORDER BY run_id").fetchall()
+        insert_layer_rows(connection, 2, ["now"])
+        storage = connection.execute(
+            "SELECT DISTINCT attstorage FROM pg_attribute WHERE attrelid = 'icl_dynamics_layers_y2026m03'::regclass "
+            "AND attname LIKE '%%_norm'").fetchall()
+    assert layers == [(0, "icl_dynamics_layers_y2026m03"), (1, "icl_dynamics_layers_y2026m04"),
+                      (2, "icl_dynamics_layers_default")]
+    assert tokens == [(1, "icl_dynamics_tokens_y2026m03"), (2, "icl_dynamics_tokens_y2026m04"),
+                      (3, "icl_dynamics_tokens_default")]
+    assert storage == [("e",)]  # a partition made by maintenance stores the float32 arrays as its table does
 
 
 # --- method versions
@@ -247,3 +283,135 @@ def test_runs_measured_before_revision_0005_keep_method_version_1(empty_database
                                      "WHERE table_name = 'measurement_runs'").fetchall()
         assert ("method_version",) not in columns
         assert connection.execute("SELECT count(*) FROM icl_analytics.run_summary").fetchone() == (1,)
+
+
+# --- revision 0007: icl_dynamics_log as float32 arrays per (run, layer) behind a view
+
+OLD_LOG_COLUMNS = ("run_id", "prompt_id", "session_id", "prompt_hash", "model", "layer_idx", "token_idx",
+                   "token_position", "token_text", "segment", "memory_id", "delta_norm", "update_frobenius_norm",
+                   "marginal_update_norm", "cumulative_update_norm", "implicit_learning_rate", "bias_update_norm",
+                   "created_at")
+QUANTITIES = slice(11, 17)  # the six quantities among OLD_LOG_COLUMNS
+
+
+def logged_rows(connection, run_id: int, prompt_id: int, session_id, created_at: str, num_layers: int,
+                num_tokens: int, *, seed: int, stride: int = 1, float32: bool = False) -> list[tuple]:
+    """Rows as revision 0006's writer wrote them: every (layer, token), NULL where a stride skipped the prefix."""
+    rng = np.random.default_rng(seed)
+    at = connection.execute("SELECT %s::timestamptz", (created_at,)).fetchone()[0]
+    rows = []
+    for layer_idx in range(num_layers):
+        for token_idx in range(num_tokens):
+            measured = token_idx % stride == stride - 1 or token_idx == num_tokens - 1
+            values = [float(np.float32(value)) if float32 else float(value) for value in rng.random(6) * 3]
+            memory_id = 7 if 1 <= token_idx <= 2 else None
+            rows.append((run_id, prompt_id, session_id, f"hash-{run_id}", "tiny", layer_idx, token_idx,
+                         token_idx + 2, ["a", " b", "\u00e9", "\n", "cat"][token_idx % 5],
+                         "memory:7" if memory_id else "context", memory_id,
+                         *(values if measured else [None] * 6), at))
+    return rows
+
+
+def insert_logged_runs(url: str, *, float32: bool = False) -> list[tuple]:
+    """At revision 0006: two sessions' prompts and runs, a January partition, and their rows; returns the rows."""
+    sessions = [uuid.uuid4(), None]
+    with psycopg.connect(url) as connection:
+        connection.execute("CREATE TABLE icl_dynamics_log_y2026m01 PARTITION OF icl_dynamics_log "
+                           "FOR VALUES FROM ('2026-01-01 00:00:00+00') TO ('2026-02-01 00:00:00+00')")
+        connection.execute("INSERT INTO memories (id, content) OVERRIDING SYSTEM VALUE VALUES (7, 'm')")
+        rows = []
+        for index, (session_id, created_at, num_tokens, stride) in enumerate(
+                [(sessions[0], "2026-01-20 10:00:00+00", 5, 1), (sessions[1], "2026-05-02 08:00:00+00", 7, 3)]):
+            prompt_id = connection.execute("INSERT INTO prompts (text, session_id, status) VALUES ('x', %s, 'done') "
+                                           "RETURNING id", (session_id,)).fetchone()[0]
+            run_id = connection.execute(
+                "INSERT INTO measurement_runs (prompt_id, model, num_layers, total_tokens, context_tokens, "
+                "anchor_tokens, query_position, stride, method_version, created_at) "
+                "VALUES (%s, 'tiny', 3, %s, %s, 1, %s, %s, 2, %s) RETURNING id",
+                (prompt_id, num_tokens + 2, num_tokens, num_tokens + 1, stride, created_at)).fetchone()[0]
+            rows += logged_rows(connection, run_id, prompt_id, session_id, created_at, 3, num_tokens, seed=index,
+                                stride=stride, float32=float32)
+        with connection.cursor() as cursor:
+            cursor.executemany(f"INSERT INTO icl_dynamics_log ({', '.join(OLD_LOG_COLUMNS)}) "
+                               f"VALUES ({', '.join(['%s'] * len(OLD_LOG_COLUMNS))})", rows)
+    return rows
+
+
+def read_log(url: str) -> list[tuple]:
+    with psycopg.connect(url) as connection:
+        return connection.execute(f"SELECT {', '.join(OLD_LOG_COLUMNS)} FROM icl_dynamics_log "
+                                  "ORDER BY run_id, layer_idx, token_idx").fetchall()
+
+
+def as_float32(row: tuple) -> tuple:
+    quantities = [None if value is None else float(np.float32(value)) for value in row[QUANTITIES]]
+    return (*row[:QUANTITIES.start], *quantities, *row[QUANTITIES.stop:])
+
+
+def test_revision_0007_converts_the_logged_rows_and_its_downgrade_restores_them(empty_database_url):
+    url = empty_database_url
+    migrate.upgrade(url, "0006")
+    written = insert_logged_runs(url)
+    expected = sorted((as_float32(row) for row in written), key=lambda row: (row[0], row[5], row[6]))
+
+    migrate.upgrade(url)
+    upgraded = read_log(url)
+    with psycopg.connect(url) as connection:
+        layers = connection.execute("SELECT run_id, count(*), min(tableoid::regclass::text) FROM icl_dynamics_layers "
+                                    "GROUP BY run_id ORDER BY run_id").fetchall()
+        tokens = connection.execute("SELECT run_id, tableoid::regclass::text FROM icl_dynamics_tokens "
+                                    "ORDER BY run_id").fetchall()
+    migrate.downgrade(url, "0006")
+    restored = read_log(url)
+    with psycopg.connect(url) as connection:
+        placement = connection.execute("SELECT DISTINCT run_id, tableoid::regclass::text FROM icl_dynamics_log "
+                                       "ORDER BY run_id").fetchall()
+    migrate.upgrade(url)
+
+    # the same rows, each quantity rounded once to float32; the run's columns from measurement_runs and prompts
+    assert upgraded == expected
+    run_ids = [run_id for run_id, *_ in layers]
+    assert layers == [(run_ids[0], 3, "icl_dynamics_layers_y2026m01"), (run_ids[1], 3, "icl_dynamics_layers_default")]
+    assert tokens == [(run_ids[0], "icl_dynamics_tokens_y2026m01"), (run_ids[1], "icl_dynamics_tokens_default")]
+    assert restored == expected
+    assert placement == [(run_ids[0], "icl_dynamics_log_y2026m01"), (run_ids[1], "icl_dynamics_log_default")]
+    assert read_log(url) == expected
+
+
+def test_run_layers_answers_as_revision_0005_defined_it(empty_database_url):
+    """On float32 values, which either layout holds exactly, revision 0007's run_layers equals revision 0006's."""
+    url = empty_database_url
+    migrate.upgrade(url, "0006")
+    insert_logged_runs(url, float32=True)
+    with psycopg.connect(url) as connection:
+        before = connection.execute("SELECT * FROM icl_analytics.run_layers ORDER BY run_id, layer_idx").fetchall()
+        columns_before = [(column.name, column.type_code) for column in connection.execute(
+            "SELECT * FROM icl_analytics.run_layers LIMIT 0").description]
+
+    migrate.upgrade(url)
+    with psycopg.connect(url) as connection:
+        after = connection.execute("SELECT * FROM icl_analytics.run_layers ORDER BY run_id, layer_idx").fetchall()
+        columns_after = [(column.name, column.type_code) for column in connection.execute(
+            "SELECT * FROM icl_analytics.run_layers LIMIT 0").description]
+        one_run = connection.execute("SELECT * FROM icl_analytics.run_layers WHERE run_id = %s ORDER BY layer_idx",
+                                     (after[0][0],)).fetchall()
+
+    assert len(before) == 6 and columns_after == columns_before
+    assert after == before
+    assert one_run == before[:3]
+
+
+def test_revision_0007_refuses_rows_the_writer_never_writes_and_changes_nothing(empty_database_url):
+    url = empty_database_url
+    migrate.upgrade(url, "0006")
+    with psycopg.connect(url) as connection:
+        # run 5's layer 1 lacks token 1; run 6's layer 0 repeats token 0
+        connection.execute("INSERT INTO icl_dynamics_log (run_id, layer_idx, token_idx) VALUES "
+                           "(5, 0, 0), (5, 0, 1), (5, 1, 0), (6, 0, 0), (6, 0, 0), (8, 0, 0)")
+
+    with pytest.raises(DatabaseError, match=r"runs 5, 6\)"):
+        migrate.upgrade(url)
+
+    assert migrate.current(url) == "0006"
+    with psycopg.connect(url) as connection:
+        assert connection.execute("SELECT count(*) FROM icl_dynamics_log").fetchone() == (6,)

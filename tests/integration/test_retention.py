@@ -1,4 +1,4 @@
-"""ICLD_RETENTION_DAYS: whole monthly partitions of icl_dynamics_log older than the retention are dropped."""
+"""ICLD_RETENTION_DAYS: whole monthly partitions of the log's tables older than the retention are dropped."""
 
 import datetime
 
@@ -29,18 +29,23 @@ def rows_by_month(url: str) -> dict[str, int]:
         ).fetchall())
 
 
-def partitions(url: str) -> list[str]:
+def partitions(url: str, table: str = "icl_dynamics_layers") -> list[str]:
     with psycopg.connect(url) as connection:
         return [name for (name,) in connection.execute(
-            "SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = 'icl_dynamics_log'::regclass "
-            "ORDER BY 1")]
+            "SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = %s::regclass ORDER BY 1", (table,))]
 
 
 def insert_rows(url: str, times: list[str]) -> None:
+    """One run per time, of one layer and one context token, as the writer writes them."""
     with psycopg.connect(url) as connection:
-        for token_idx, created_at in enumerate(times):
-            connection.execute("INSERT INTO icl_dynamics_log (run_id, layer_idx, token_idx, created_at) "
-                               "VALUES (1, 0, %s, %s)", (token_idx, created_at))
+        for run_id, created_at in enumerate(times, start=1):
+            connection.execute(
+                "INSERT INTO icl_dynamics_layers (run_id, layer_idx, created_at, delta_norm, update_frobenius_norm, "
+                "marginal_update_norm, cumulative_update_norm, implicit_learning_rate, bias_update_norm) "
+                "VALUES (%s, 0, %s, '{1}', '{1}', '{1}', '{1}', '{1}', '{1}')", (run_id, created_at))
+            connection.execute("INSERT INTO icl_dynamics_tokens (run_id, created_at, token_position, token_text, "
+                               "segment, memory_id) VALUES (%s, %s, '{3}', '{a}', '{context}', '{NULL}')",
+                               (run_id, created_at))
 
 
 def test_only_months_that_ended_before_the_retention_are_dropped(database_url):
@@ -53,20 +58,23 @@ def test_only_months_that_ended_before_the_retention_are_dropped(database_url):
     dropped = with_connection(database_url, lambda connection: drop_expired_partitions(connection, 30, now=now))
     dropped_again = with_connection(database_url, lambda connection: drop_expired_partitions(connection, 30, now=now))
 
-    assert dropped == ["icl_dynamics_log_y2026m01"] and dropped_again == []
-    assert partitions(database_url) == ["icl_dynamics_log_default", "icl_dynamics_log_y2026m02",
-                                        "icl_dynamics_log_y2026m03", "icl_dynamics_log_y2026m04"]
+    assert dropped == ["icl_dynamics_layers_y2026m01", "icl_dynamics_tokens_y2026m01"] and dropped_again == []
+    for table in ("icl_dynamics_layers", "icl_dynamics_tokens"):
+        assert partitions(database_url, table) == [f"{table}_default", f"{table}_y2026m02", f"{table}_y2026m03",
+                                                   f"{table}_y2026m04"]
     # the default partition's rows (here from 2030) are not the retention's to judge
     assert rows_by_month(database_url) == {"2026-02": 1, "2026-03": 1, "2026-04": 1, "2030-01": 1}
 
 
 def test_expired_partitions_reads_months_from_names_and_skips_others():
-    names = ["icl_dynamics_log_default", "icl_dynamics_log_y2025m12", "icl_dynamics_log_y2026m01", "unrelated"]
+    names = ["icl_dynamics_layers_default", "icl_dynamics_layers_y2025m12", "icl_dynamics_tokens_y2025m12",
+             "icl_dynamics_layers_y2026m01", "icl_dynamics_tokens_default", "icl_dynamics_log_y2025m11", "unrelated"]
     at_the_end_of_january = datetime.datetime(2026, 2, 1, tzinfo=datetime.UTC)
 
-    assert expired_partitions(names, 1, at_the_end_of_january) == ["icl_dynamics_log_y2025m12"]
+    assert expired_partitions(names, 1, at_the_end_of_january) == ["icl_dynamics_layers_y2025m12",
+                                                                   "icl_dynamics_tokens_y2025m12"]
     assert expired_partitions(names, 1, at_the_end_of_january + datetime.timedelta(days=1)) == [
-        "icl_dynamics_log_y2025m12", "icl_dynamics_log_y2026m01"]
+        "icl_dynamics_layers_y2025m12", "icl_dynamics_layers_y2026m01", "icl_dynamics_tokens_y2025m12"]
 
 
 def test_the_daemons_partition_maintenance_applies_the_retention(database_url, tmp_path, monkeypatch):
@@ -79,10 +87,11 @@ def test_the_daemons_partition_maintenance_applies_the_retention(database_url, t
     worker = Worker.from_settings(database_url, tiny, DaemonSettings(), worker_id="retention")
     worker.maintain_partitions()
 
-    this_month = partition_name(datetime.datetime.now(datetime.UTC).date())
+    this_month = datetime.datetime.now(datetime.UTC).date()
     assert worker.retention_days == 90
-    assert partition_name(long_ago) not in partitions(database_url)
-    assert this_month in partitions(database_url)
+    for table in ("icl_dynamics_layers", "icl_dynamics_tokens"):
+        assert partition_name(table, long_ago) not in partitions(database_url, table)
+        assert partition_name(table, this_month) in partitions(database_url, table)
     assert rows_by_month(database_url) == {}
 
 

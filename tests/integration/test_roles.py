@@ -41,12 +41,14 @@ def test_roles_command_twice_changes_nothing_the_second_time(database_url, tmp_p
 
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
     assert f"writer role {WRITER_ROLE}, read-only role {READER_ROLE}: privileges granted" in first.stdout
-    assert "now owned by icldaemon_writer: icl_dynamics_log, icl_dynamics_log_default" in first.stdout
+    assert ("now owned by icldaemon_writer: icl_dynamics_layers, icl_dynamics_tokens, icl_dynamics_layers_default, "
+            "icl_dynamics_tokens_default") in first.stdout
     assert second.stdout.splitlines() == [f"writer role {WRITER_ROLE}, read-only role {READER_ROLE}: privileges granted"]
     with psycopg.connect(database_url) as connection:
         owners = dict(connection.execute("SELECT relname, pg_get_userbyid(relowner) FROM pg_class "
-                                         "WHERE relname LIKE 'icl_dynamics_log%%' AND relkind IN ('r', 'p')"))
-    assert owners == {"icl_dynamics_log": WRITER_ROLE, "icl_dynamics_log_default": WRITER_ROLE}
+                                         "WHERE relname LIKE 'icl_dynamics_%%' AND relkind IN ('r', 'p')"))
+    assert owners == dict.fromkeys(["icl_dynamics_layers", "icl_dynamics_layers_default", "icl_dynamics_tokens",
+                                    "icl_dynamics_tokens_default"], WRITER_ROLE)
 
 
 def test_the_writer_measures_and_keeps_partitions_but_changes_no_other_table(database_url, tmp_path):
@@ -73,11 +75,12 @@ def test_the_writer_measures_and_keeps_partitions_but_changes_no_other_table(dat
     assert counts == {"done": 1}
     with psycopg.connect(database_url) as connection:
         partitions = {name for (name,) in connection.execute(
-            "SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = 'icl_dynamics_log'::regclass")}
+            "SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = 'icl_dynamics_layers'::regclass")}
         rows, effects = connection.execute("SELECT (SELECT count(*) FROM icl_dynamics_log), "
                                            "(SELECT count(*) FROM memory_effects)").fetchone()
-    assert partition_name(datetime.datetime.now(datetime.UTC).date()) in partitions
-    assert partition_name(datetime.date(2024, 5, 1)) not in partitions  # dropped by the retention, as the writer
+    assert partition_name("icl_dynamics_layers", datetime.datetime.now(datetime.UTC).date()) in partitions
+    # dropped by the retention, as the writer
+    assert partition_name("icl_dynamics_layers", datetime.date(2024, 5, 1)) not in partitions
     assert rows > 0 and effects == 1
 
     denied = [
@@ -98,7 +101,7 @@ def test_the_writer_measures_and_keeps_partitions_but_changes_no_other_table(dat
 def test_the_reader_reads_every_table_and_view_and_writes_nothing(database_url):
     ensure_roles(database_url)
     reader_url = as_role(database_url, READER_ROLE)
-    tables = relations(database_url, "public", "rp")
+    tables = relations(database_url, "public", "rpv")
     views = relations(database_url, "icl_analytics", "v")
 
     with psycopg.connect(reader_url, autocommit=True) as connection:
@@ -113,6 +116,7 @@ def test_the_reader_reads_every_table_and_view_and_writes_nothing(database_url):
             connection.execute("SET TRANSACTION READ WRITE")
             connection.execute("SELECT icl_submit(NULL, text => 'read-only?')")
 
-    assert {"prompts", "icl_dynamics_log", "measurement_runs", "memory_effects", "adapters"} <= set(tables)
+    assert {"prompts", "icl_dynamics_log", "icl_dynamics_layers", "icl_dynamics_tokens", "measurement_runs",
+            "memory_effects", "adapters"} <= set(tables)
     assert {"run_summary", "run_layers", "memory_impact", "memory_ranking", "session_summary", "exactness_hourly",
             "queue"} == set(views)

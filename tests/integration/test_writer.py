@@ -1,5 +1,6 @@
-"""The result writer: rows equal the measurement, NaN as NULL, one transaction, no duplicates."""
+"""The result writer: rows equal the measurement (as float32), NaN as NULL, one transaction, no duplicates."""
 
+import hashlib
 import uuid
 
 import numpy as np
@@ -84,7 +85,8 @@ def test_rows_match_the_measurement(database_url, held):
                              claim.prompt_id, session_id, expected_hash, "tiny")
         for name, value in zip(DYNAMICS_NAMES, row[11:]):
             expected = result.dynamics[name][layer, token]
-            assert (value is None) if np.isnan(expected) else value == expected, (name, layer, token)
+            # stored as float32, what the measurement carries: the float64 value rounded once
+            assert (value is None) if np.isnan(expected) else value == float(np.float32(expected)), (name, layer, token)
     assert rows[1][3] == "b\ufffd" and rows[2][3] == "\ufffdc"
     assert sum(row[11] is None for row in rows) == NUM_LAYERS
     for (memory_id, segment, start, end, kl, frobenius, bias), attribution in zip(effects, result.segments):
@@ -130,3 +132,46 @@ def test_a_failed_write_leaves_nothing_and_the_prompt_held(database_url, held):
         counts = connection.execute("SELECT (SELECT count(*) FROM measurement_runs), "
                                     "(SELECT count(*) FROM icl_dynamics_log), (SELECT status FROM prompts)").fetchone()
     assert counts == (0, 0, "running")
+
+
+def test_the_log_is_one_row_per_layer_and_one_per_run_and_the_view_unfolds_them(database_url, held):
+    claim, memory_ids, session_id = held
+    result = measurement(memory_ids)
+
+    with queue.connect(database_url) as connection:
+        run_id = writer.write_measurement(connection, claim, result,
+                                          writer.RunSource(claim.prompt_id, session_id=session_id))
+        layers = connection.execute(
+            f"SELECT layer_idx, {', '.join(DYNAMICS_NAMES)} FROM icl_dynamics_layers WHERE run_id = %s "
+            "ORDER BY layer_idx", (run_id,)).fetchall()
+        tokens = connection.execute("SELECT token_position, token_text, segment, memory_id FROM icl_dynamics_tokens "
+                                    "WHERE run_id = %s", (run_id,)).fetchall()
+        prompt_hash = connection.execute("SELECT prompt_hash FROM measurement_runs WHERE id = %s",
+                                         (run_id,)).fetchone()[0]
+
+    assert [row[0] for row in layers] == list(range(NUM_LAYERS))
+    for layer_idx, *arrays in layers:
+        for name, stored in zip(DYNAMICS_NAMES, arrays):
+            # real[] arrives as text, in the shortest digits that read back as the same float32
+            found = [None if value is None else np.float32(value) for value in stored]
+            expected = [None if np.isnan(value) else np.float32(value) for value in result.dynamics[name][layer_idx]]
+            assert found == expected, (name, layer_idx)
+    assert tokens == [([token.position for token in result.tokens],
+                       [writer.clean_text(token.text) for token in result.tokens],
+                       [token.segment for token in result.tokens], [token.memory_id for token in result.tokens])]
+    assert prompt_hash == hashlib.sha256(np.asarray(result.input_ids, dtype="<i8").tobytes()).hexdigest()
+
+
+def test_results_are_prepared_without_a_connection_and_written_later(database_url, held):
+    claim, memory_ids, _ = held
+    prepared = writer.prepare(measurement(memory_ids), writer.RunSource(claim.prompt_id))
+
+    with queue.connect(database_url) as connection:
+        run_id = writer.write(connection, claim, prepared)
+        counts = connection.execute(
+            "SELECT (SELECT count(*) FROM icl_dynamics_layers), (SELECT count(*) FROM icl_dynamics_tokens), "
+            "(SELECT count(*) FROM icl_dynamics_log), (SELECT count(*) FROM memory_effects WHERE run_id = %s)",
+            (run_id,)).fetchone()
+
+    assert prepared.logged_values == NUM_LAYERS * 6
+    assert counts == (NUM_LAYERS, 1, NUM_LAYERS * 6, 2)
