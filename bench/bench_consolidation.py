@@ -86,14 +86,19 @@ class Bench:
             held_out.append((prompt.input_ids, prompt.without({label})))
         return fit, held_out, leaks
 
-    def answer_patches(self, pairs, progress=None) -> list:
-        result = []
+    def answer_patches(self, pairs, progress=None) -> tuple[list, float, float]:
+        """The patches, and the seconds spent on the greedy answers and on the patches themselves."""
+        result, answer_seconds, patch_seconds = [], 0.0, 0.0
         for number, (with_ids, without_ids) in enumerate(pairs, 1):
             if progress:
                 progress(number, len(pairs))
+            started = time.perf_counter()
             answer = answers.greedy_answer(self.model, with_ids, answers.ANSWER_TOKENS, self.stop)
+            answered = time.perf_counter()
             result.append(answers.answer_patch(self.model, with_ids, without_ids, answer))
-        return result
+            answer_seconds += answered - started
+            patch_seconds += time.perf_counter() - answered
+        return result, answer_seconds, patch_seconds
 
     def figures(self, index: int, patch, held_out, leaks, baseline) -> dict:
         fact = self.facts[index]
@@ -121,15 +126,14 @@ def run(facts: int | None = None, distil_facts: int = 3, rank: int = answers.RAN
     per_fact, adapters, held = {}, {}, {}
     for index, fact in enumerate(chosen):
         fit, held_out, leaks = bench.retrievals(index)
-        patch_started = time.perf_counter()
-        patches = bench.answer_patches(fit, lambda done, total: print(f"    retrieval {done}/{total}", end="\r",
-                                                                      flush=True))
-        patch_seconds = time.perf_counter() - patch_started
+        patches, answer_seconds, patch_seconds = bench.answer_patches(
+            fit, lambda done, total: print(f"    retrieval {done}/{total}", end="\r", flush=True))
         fit_started = time.perf_counter()
         adapter = answers.fit_answer_patches(patches, generic, rank=rank, ridge=ridge, preservation=preservation)
         fit_seconds = time.perf_counter() - fit_started
         row = bench.figures(index, adapter, held_out, leaks, baseline)
-        row.update(patch_seconds=patch_seconds, fit_seconds=fit_seconds, retrievals=len(fit),
+        row.update(answer_seconds=answer_seconds, patch_seconds=patch_seconds, fit_seconds=fit_seconds,
+                   retrievals=len(fit),
                    pairs=adapter.pairs, check=max(p.max_abs_log_prob_error for p in patches))
         if index < distil_facts:
             from icldaemon.engine.distillation import DistillationExample, distil
@@ -145,7 +149,7 @@ def run(facts: int | None = None, distil_facts: int = 3, rank: int = answers.RAN
         progress(f"  {fact.key}: with memory {row['with_memory_rate']:.0%}, without {row['without_memory_rate']:.0%}, "
                  f"adapter {row['adapter_rate']:.0%}; neutral KL {row['neutral']['mean_kl']:.4f}, next token kept "
                  f"{row['neutral']['next_token_unchanged']:.0%}; leak {row['leak']:.0%}; patches "
-                 f"{patch_seconds:.0f} s, fit {fit_seconds:.1f} s"
+                 f"{patch_seconds:.0f} s, fit {fit_seconds:.1f} s (answers {answer_seconds:.0f} s)"
                  + (f"; distillation adapter {row['distillation']['adapter_rate']:.0%} in "
                     f"{row['distillation']['seconds']:.0f} s" if "distillation" in row else ""))
     interference = {}
@@ -188,6 +192,7 @@ def summarise(per_fact: dict) -> dict:
         "continuation_unchanged": float(np.mean([row["neutral"]["continuation_unchanged"] for row in rows])),
         "leak": pooled(rows, "leak"),
         "fit_seconds": float(np.mean([row["patch_seconds"] + row["fit_seconds"] for row in rows])),
+        "answer_seconds": float(np.mean([row["answer_seconds"] for row in rows])),
         "weakest_fact_share": min((row["adapter_rate"] / row["with_memory_rate"] for row in rows
                                    if row["with_memory_rate"] > 0), default=float("nan")),
     }
@@ -227,13 +232,16 @@ def print_report(result: dict) -> None:
               f"{row['neutral']['mean_kl']:>10.4f} {row['neutral']['next_token_unchanged']:>5.0%} "
               f"{row['neutral']['continuation_unchanged']:>5.0%}  {row['leak']:>5.0%}  {row['check']:>7.1e}  "
               f"{row['patch_seconds'] + row['fit_seconds']:>4.0f}  {baseline}")
+    print("s: the patches and the fit; distillation: its training. Both use the same with-memory answers, "
+          "generated once (not counted in either)")
     print(f"pooled: with memory {summary['with_memory_rate']:.0%}, without {summary['without_memory_rate']:.0%}, "
           f"adapter {summary['adapter_rate']:.0%} ({summary['adapter_rate'] / summary['with_memory_rate']:.0%} of the "
           f"with-memory rate; weakest fact {summary['weakest_fact_share']:.0%}); answer KL {summary['answer_kl_without']:.3f}"
           f" -> {summary['answer_kl_adapter']:.3f}; next-token KL share {summary['next_token_kl_share']:.0%}; neutral "
           f"KL {summary['neutral_kl']:.4f}, next token kept {summary['next_token_unchanged']:.0%}, continuation kept "
           f"{summary['continuation_unchanged']:.0%}; leak {summary['leak']:.0%}; {summary['fit_seconds']:.0f} s per "
-          f"fact (patches and fit)")
+          f"fact (patches and fit; the greedy with-memory answers, which both methods need, "
+          f"{summary['answer_seconds']:.0f} s more)")
     if result["interference"]:
         print("interference: held-out answers naming the fact with its adapter stacked with k others: " + ", ".join(
             f"k={k}: {rate:.0%}" for k, rate in result["interference"].items()))
