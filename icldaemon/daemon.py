@@ -1,11 +1,17 @@
 """The daemon: claims prompts, measures them with the engine, writes the results; the only layer using both.
 
+The worker thread claims and measures; a writer thread, on its own connection, writes each measured
+prompt (one transaction that stores its rows and marks it done) while the worker measures the next,
+so that the database never makes the engine wait. At most one measured prompt waits for the writer; a
+prompt keeps its lease until its transaction commits, and a crash before that leaves it to be claimed
+again when the lease expires.
+
 `Worker.run_once()` drains the queue and returns. `Worker.run_forever()` keeps going: a LISTEN on
 icl_prompts wakes it as soon as a prompt is committed, an APScheduler job polls as a fallback and
 another keeps the log's monthly partitions ahead; SIGTERM or SIGINT stops claiming, lets the current
 job finish within the stop timeout (else puts it back in the queue) and returns 0. A lost database
-connection is reopened; any other fault of the worker thread ends `run_forever` with 1, for the
-supervisor to restart the process.
+connection is reopened; any other fault of the worker or the writer thread ends `run_forever` with 1,
+for the supervisor to restart the process.
 """
 
 import contextlib
@@ -17,7 +23,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from queue import Full, Queue
+from typing import Any
 
 import psycopg
 import torch
@@ -38,6 +47,7 @@ from icldaemon.engine.answers import (
 from icldaemon.engine.loading import LoadedModel
 from icldaemon.engine.measure import measure
 from icldaemon.engine.prompt import SegmentedPrompt
+from icldaemon.engine.result import Measurement
 from icldaemon.exceptions import BadInputError, DatabaseError, IcldaemonError, NumericalError
 from icldaemon.logs import get_logger
 from icldaemon.sdnotify import Notifier
@@ -55,6 +65,8 @@ PARTITION_MAINTENANCE_HOURS = 24.0  # hours between partition maintenance runs
 LISTEN_TIMEOUT = 1.0  # seconds the listener waits before checking whether to stop
 MAIN_LOOP_TICK = 0.5  # seconds between the main thread's checks (stop, systemd status and watchdog)
 ABANDON_TIMEOUT = 5.0  # seconds a released job's thread gets to leave the model before the process exits anyway
+WRITE_QUEUE_DEPTH = 1  # measured prompts waiting for the writer: a slow database slows measuring, not memory
+HANDOFF_TICK = 0.5  # seconds between checks that the writer is alive while a measured prompt waits for it
 
 
 class DaemonSettings(BaseSettings):
@@ -139,13 +151,21 @@ class _Heartbeat:
         finally:
             _close_quietly(connection)
 
-    def __enter__(self) -> "_Heartbeat":
+    def start(self) -> "_Heartbeat":
         self._thread.start()
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def stop(self) -> None:
+        """Stop renewing (at once, or after a renewal under way); the lease then runs out on its own."""
         self._done.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def __enter__(self) -> "_Heartbeat":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
 
 
 def _close_quietly(connection: psycopg.Connection | None) -> None:
@@ -154,6 +174,112 @@ def _close_quietly(connection: psycopg.Connection | None) -> None:
         with contextlib.suppress(psycopg.Error):
             connection.close()
     return None
+
+
+@dataclass
+class _Measured:
+    """A measured prompt on its way to the database: its claim, its prepared rows, the heartbeat holding its lease."""
+
+    claim: queue.Claim
+    prepared: writer.PreparedResults
+    heartbeat: _Heartbeat
+    log: Any
+    started: float  # perf_counter at the claim
+    tokens: int
+    context_tokens: int
+    measure_seconds: float
+
+
+class _ResultWriter:
+    """Writes measured prompts on its own thread and connection while the worker measures the next ones.
+
+    At most WRITE_QUEUE_DEPTH prompts wait: a worker with one more to hand over waits for the writer. A
+    lost connection costs the prompt being written its attempt (its lease runs out, it is claimed again)
+    and is reopened for the next; any other fault stops the worker (`Worker._failure`).
+    """
+
+    def __init__(self, worker: "Worker"):
+        self._worker = worker
+        self._jobs: Queue[_Measured | None] = Queue(maxsize=WRITE_QUEUE_DEPTH)
+        self._pending = 0  # handed over and not yet written (or given up)
+        self._idle = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="write", daemon=True)
+
+    def __enter__(self) -> "_ResultWriter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.flush()
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+        for job in self._drain_jobs():  # handed over as the writer stopped on a fault
+            self._done_with(job)
+
+    def busy(self) -> bool:
+        with self._idle:
+            return self._pending > 0
+
+    def submit(self, job: _Measured) -> bool:
+        """Hand a measured prompt over, waiting while WRITE_QUEUE_DEPTH others wait for the writer; False (and
+        the prompt left to its lease) when the writer has stopped."""
+        with self._idle:
+            self._pending += 1
+        while self._thread.is_alive():
+            try:
+                self._jobs.put(job, timeout=HANDOFF_TICK)
+                return True
+            except Full:
+                continue
+        self._done_with(job)
+        return False
+
+    def flush(self) -> None:
+        """Wait until every prompt handed over is written, or the writer has stopped."""
+        with self._idle:
+            while self._pending and self._thread.is_alive():
+                self._idle.wait(HANDOFF_TICK)
+
+    def _done_with(self, job: _Measured) -> None:
+        job.heartbeat.stop()  # written, failed, or left for its lease to run out and be claimed again
+        with self._idle:
+            self._pending -= 1
+            self._idle.notify_all()
+
+    def _run(self) -> None:
+        connection: psycopg.Connection | None = None
+        job: _Measured | None = None
+        try:
+            while (job := self._jobs.get()) is not None:
+                status = None
+                try:
+                    if connection is None:
+                        connection = queue.connect(self._worker.url)
+                    status = self._worker.write(connection, job)
+                except DatabaseError as exc:
+                    job.heartbeat.stop()
+                    self._worker.log.error("writer_database_error", prompt_id=job.claim.prompt_id, error=str(exc))
+                    connection = _close_quietly(connection)
+                if status is not None:
+                    self._worker._finished(job.claim, status)
+                self._done_with(job)
+                job = None
+        except Exception as exc:  # noqa: BLE001 - a fault outside any write: stop the worker with a failing exit code
+            self._worker._fail_worker(exc)
+        finally:
+            _close_quietly(connection)
+            for waiting in [job, *self._drain_jobs()]:
+                if waiting is not None:
+                    self._done_with(waiting)
+
+    def _drain_jobs(self) -> list[_Measured]:
+        waiting = []
+        while not self._jobs.empty():
+            job = self._jobs.get_nowait()
+            if job is not None:
+                waiting.append(job)
+        return waiting
 
 
 class Worker:
@@ -194,7 +320,10 @@ class Worker:
         self.adapters_dir = adapters_dir
         self._consolidation_due = threading.Event()
         self._consolidator: Consolidator | None = None
-        self._failure: Exception | None = None  # what killed the worker thread, if anything did
+        self._failure: Exception | None = None  # what killed the worker or the writer thread, if anything did
+        self._counts: Counter = Counter()  # prompts per status they ended in, this run
+        self._finished_lock = threading.Lock()  # the worker and the writer thread both report prompts
+        self._results: _ResultWriter | None = None
 
     @classmethod
     def from_settings(cls, url: str, loaded: LoadedModel, settings: DaemonSettings | None = None, **options):
@@ -222,42 +351,72 @@ class Worker:
         return {segment.memory_id: answer_patch(model, prompt.input_ids, prompt.without({segment.label}), answer)
                 for segment in memories}
 
+    def measure_prompt(self, prompt: SegmentedPrompt) -> tuple[Measurement, dict[int, AnswerPatch]]:
+        """The engine's part: the prompt's measurement and each retrieved memory's answer-position patch."""
+        measurement = measure(self.loaded.model, prompt, stride=self.stride, model_name=self.loaded.name)
+        return measurement, self.answer_patches(prompt)
+
     def process(self, connection: psycopg.Connection, claim: queue.Claim) -> str:
         """Measure one claimed prompt and write its results; returns its status afterwards ('lost' if taken away)."""
+        measured = self.measure_claimed(connection, claim)
+        return measured if isinstance(measured, str) else self.write(connection, measured)
+
+    def measure_claimed(self, connection: psycopg.Connection, claim: queue.Claim) -> _Measured | str:
+        """Measure one claimed prompt and prepare its rows, its lease held; or the status it ended in."""
         log = self.log.bind(prompt_id=claim.prompt_id, attempt=claim.attempts)
         log.info("prompt_claimed")
         started = time.perf_counter()
         if claim.attempts > self.max_attempts:
             return self._fail(connection, claim, log, f"prompt {claim.prompt_id}: no attempts left after "
                               f"{self.max_attempts}; the last one's lease expired", retry=False)
+        heartbeat = _Heartbeat(self.url, claim, self.lease_seconds).start()
         try:
             prompt = self.assemble(connection, claim)
-            with _Heartbeat(self.url, claim, self.lease_seconds) as heartbeat, _abandonable(self._abandoned):
-                measurement = measure(self.loaded.model, prompt, stride=self.stride, model_name=self.loaded.name)
-                answer_patches = self.answer_patches(prompt)
+            with _abandonable(self._abandoned):
+                measurement, answer_patches = self.measure_prompt(prompt)
             measurement.model["revision"] = self.loaded.revision
-            if heartbeat.lost.is_set():
-                log.warning("prompt_lost")
-                return "lost"
-            run_id = writer.write_measurement(
-                connection, claim, measurement,
-                writer.RunSource(claim.prompt_id, session_id=claim.session_id, stride=self.stride),
+            prepared = writer.prepare(
+                measurement, writer.RunSource(claim.prompt_id, session_id=claim.session_id, stride=self.stride),
                 answer_patches,
             )
         except _JobAbandoned:
+            heartbeat.stop()
             log.warning("prompt_abandoned")
             return "released"
         except (BadInputError, NumericalError) as exc:
+            heartbeat.stop()
             return self._fail(connection, claim, log, f"prompt {claim.prompt_id}: {exc}", retry=False)
         except Exception as exc:  # noqa: BLE001 - any other failure is retried; the error text is kept
+            heartbeat.stop()
             return self._fail(connection, claim, log, f"prompt {claim.prompt_id}: {type(exc).__name__}: {exc}",
                               retry=True)
+        if heartbeat.lost.is_set():
+            heartbeat.stop()
+            log.warning("prompt_lost")
+            return "lost"
+        return _Measured(claim, prepared, heartbeat, log, started, tokens=len(measurement.input_ids),
+                         context_tokens=len(measurement.tokens),
+                         measure_seconds=measurement.timings.get("measure_s", 0.0))
+
+    def write(self, connection: psycopg.Connection, measured: _Measured) -> str:
+        """Write a measured prompt's rows and mark it done, then let its lease go; returns its status."""
+        claim, log = measured.claim, measured.log
+        try:
+            run_id = writer.write(connection, claim, measured.prepared)
+        except (BadInputError, NumericalError) as exc:
+            measured.heartbeat.stop()
+            return self._fail(connection, claim, log, f"prompt {claim.prompt_id}: {exc}", retry=False)
+        except Exception as exc:  # noqa: BLE001 - any other failure is retried; the error text is kept
+            measured.heartbeat.stop()
+            return self._fail(connection, claim, log, f"prompt {claim.prompt_id}: {type(exc).__name__}: {exc}",
+                              retry=True)
+        measured.heartbeat.stop()
         if run_id is None:
             log.warning("prompt_lost")
             return "lost"
-        log.info("run_measured", run_id=run_id, tokens=len(measurement.input_ids),
-                 context_tokens=len(measurement.tokens), seconds=round(time.perf_counter() - started, 3),
-                 measure_seconds=round(measurement.timings.get("measure_s", 0.0), 3))
+        log.info("run_measured", run_id=run_id, tokens=measured.tokens, context_tokens=measured.context_tokens,
+                 seconds=round(time.perf_counter() - measured.started, 3),
+                 measure_seconds=round(measured.measure_seconds, 3))
         return "done"
 
     def _fail(self, connection, claim: queue.Claim, log, error: str, *, retry: bool) -> str:
@@ -273,26 +432,55 @@ class Worker:
 
     # --- draining the queue
 
-    def _drain(self, connection: psycopg.Connection, counts: Counter) -> None:
-        while not self._stopping.is_set():
-            claim = queue.claim(connection, self.worker_id, self.lease_seconds)
-            if claim is None:
-                return
-            self._current = claim
-            try:
-                status = self.process(connection, claim)
-            finally:
-                self._current = None
-            counts[status] += 1
+    def _finished(self, claim: queue.Claim, status: str) -> None:
+        with self._finished_lock:
+            self._counts[status] += 1
             if self.on_processed is not None:
                 self.on_processed(claim.prompt_id, status)
 
+    def _fail_worker(self, exc: Exception) -> None:
+        """A fault outside any job: stop, and have run_forever exit 1 (run_once raises it)."""
+        # Not retried in-process: the state that raised is unknown. The process exits 1 so that a
+        # supervisor (systemd's Restart=on-failure) starts a fresh one; a prompt this process held
+        # goes back to the queue when its lease expires.
+        if self._failure is None:
+            self._failure = exc
+        self.log.error("worker_failed", error=str(exc), error_type=type(exc).__name__, exc_info=True)
+        self.stop()
+
+    def _drain(self, connection: psycopg.Connection) -> None:
+        results = self._results
+        while not self._stopping.is_set():
+            claim = queue.claim(connection, self.worker_id, self.lease_seconds)
+            if claim is None:
+                if not results.busy():
+                    return
+                results.flush()  # a write that fails may put its prompt back in the queue: look again
+                continue
+            self._current = claim
+            try:
+                measured = self.measure_claimed(connection, claim)
+            finally:
+                self._current = None
+            if isinstance(measured, str):
+                self._finished(claim, measured)
+            elif not results.submit(measured):
+                return  # the writer stopped on a fault, and stopped the worker
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A writer thread for this run; every prompt handed to it is written (or given up) on leaving."""
+        self._counts, self._failure = Counter(), None
+        with _ResultWriter(self) as self._results:
+            yield
+
     def run_once(self) -> Counter:
         """Process prompts until none is due; returns how many ended in each status."""
-        counts: Counter = Counter()
-        with queue.connect(self.url) as connection:
-            self._drain(connection, counts)
-        return counts
+        with self._writing(), queue.connect(self.url) as connection:
+            self._drain(connection)
+        if self._failure is not None:
+            raise self._failure
+        return self._counts
 
     # --- the long-running service
 
@@ -316,28 +504,24 @@ class Worker:
                 self._stopping.wait(self.poll_interval)
 
     def _work(self) -> None:
-        counts: Counter = Counter()
-        while not self._stopping.is_set():
-            try:
-                with queue.connect(self.url) as connection:
-                    while not self._stopping.is_set():
-                        self._wake.clear()
-                        self._drain(connection, counts)
-                        if self._consolidation_due.is_set() and not self._stopping.is_set():
-                            self._consolidation_due.clear()
-                            self.consolidate()
-                            continue
-                        self._wake.wait()
-            except (DatabaseError, psycopg.Error) as exc:
-                self.log.error("worker_database_error", error=str(exc))
-                self._stopping.wait(self.poll_interval)
-            except Exception as exc:  # noqa: BLE001 - a fault outside any job: stop with a failing exit code
-                # Not retried in-process: the state that raised is unknown. The process exits 1 so that a
-                # supervisor (systemd's Restart=on-failure) starts a fresh one; a prompt this thread held
-                # goes back to the queue when its lease expires.
-                self._failure = exc
-                self.log.error("worker_failed", error=str(exc), error_type=type(exc).__name__, exc_info=True)
-                return
+        with self._writing():
+            while not self._stopping.is_set():
+                try:
+                    with queue.connect(self.url) as connection:
+                        while not self._stopping.is_set():
+                            self._wake.clear()
+                            self._drain(connection)
+                            if self._consolidation_due.is_set() and not self._stopping.is_set():
+                                self._consolidation_due.clear()
+                                self.consolidate()
+                                continue
+                            self._wake.wait()
+                except (DatabaseError, psycopg.Error) as exc:
+                    self.log.error("worker_database_error", error=str(exc))
+                    self._stopping.wait(self.poll_interval)
+                except Exception as exc:  # noqa: BLE001 - a fault outside any job: stop with a failing exit code
+                    self._fail_worker(exc)
+                    return
 
     def consolidate(self) -> None:
         """One scheduled consolidation of every due group; a failing group is logged and skipped."""

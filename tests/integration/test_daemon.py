@@ -187,3 +187,99 @@ def wait_until(condition, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
+
+
+# --- writing beside measuring
+
+
+class TimedWorker(Worker):
+    """A worker whose engine takes `measure_seconds` longer, recording when each prompt is measured and written."""
+
+    def __init__(self, *args, measure_seconds: float, write_seconds: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.measure_seconds, self.write_seconds = measure_seconds, write_seconds
+        self.measured: dict[int, tuple[float, float]] = {}
+        self.written: dict[int, tuple[float, float]] = {}
+
+    def measure_prompt(self, prompt):
+        import time
+
+        started = time.monotonic()
+        result = super().measure_prompt(prompt)
+        time.sleep(self.measure_seconds)
+        self.measured[len(self.measured)] = (started, time.monotonic())
+        return result
+
+    def write(self, connection, measured):
+        import time
+
+        started = time.monotonic()
+        time.sleep(self.write_seconds)
+        status = super().write(connection, measured)
+        self.written[measured.claim.prompt_id] = (started, time.monotonic())
+        return status
+
+
+def test_a_prompt_is_written_while_the_next_is_measured_and_at_most_one_waits(database_url, tiny):
+    with psycopg.connect(database_url) as connection:
+        prompt_ids = [insert(connection, text=f"cheese => fromage {index}", priority=-index) for index in range(6)]
+    # writes slower than measuring: the worker runs ahead until one prompt waits for the writer
+    worker = TimedWorker(database_url, tiny, worker_id="test", measure_seconds=0.0, write_seconds=0.8)
+
+    counts = worker.run_once()
+
+    assert counts == {"done": 6}
+    measured = [worker.measured[index] for index in range(6)]  # in claim order: prompt_ids, by priority
+    written = [worker.written[prompt_id] for prompt_id in prompt_ids]
+    # while prompt n was written, a later prompt was being measured
+    for index in range(3):
+        assert any(start < written[index][1] and written[index][0] < end for start, end in measured[index + 1:]), index
+    # one prompt written, one waiting, one measured: the worker starts prompt n only once n-3 is written
+    for index in range(3, 6):
+        assert measured[index][0] >= written[index - 3][1], index
+    assert any(measured[index][0] < written[index - 2][1] for index in range(2, 6))  # and it does run that far ahead
+    with psycopg.connect(database_url) as connection:
+        assert connection.execute("SELECT count(*) FROM prompts WHERE status = 'done' AND attempts = 1").fetchone() == (6,)
+
+
+def test_a_waiting_prompt_keeps_its_lease_until_its_transaction_commits(database_url, tiny):
+    with psycopg.connect(database_url) as connection:
+        for index in range(4):
+            insert(connection, text=f"bread => pain {index}")
+    # every prompt waits for the writer far longer than its lease: only the heartbeat keeps it
+    worker = TimedWorker(database_url, tiny, worker_id="test", lease_seconds=0.6, measure_seconds=0.0,
+                         write_seconds=1.5)
+    rival = Worker(database_url, tiny, worker_id="rival")
+
+    counts = worker.run_once()
+    rival_counts = rival.run_once()
+
+    assert counts == {"done": 4} and rival_counts == {}
+    with psycopg.connect(database_url) as connection:
+        assert connection.execute("SELECT count(*), sum(attempts) FROM prompts WHERE status = 'done'").fetchone() == (4, 4)
+        assert connection.execute("SELECT count(DISTINCT prompt_id) FROM measurement_runs").fetchone() == (4,)
+
+
+def test_a_write_that_fails_puts_its_prompt_back_and_the_others_are_written(database_url, tiny, monkeypatch):
+    from icldaemon.store import writer
+
+    with psycopg.connect(database_url) as connection:
+        prompt_ids = [insert(connection, text=f"water => eau {index}", priority=-index) for index in range(3)]
+    original, calls = writer.write, []
+
+    def failing_once(connection, claim, prepared):
+        calls.append(claim.prompt_id)
+        if len(calls) == 1:
+            raise RuntimeError("disk full")
+        return original(connection, claim, prepared)
+
+    monkeypatch.setattr("icldaemon.store.writer.write", failing_once)
+    counts = Worker(database_url, tiny, worker_id="test", backoff_seconds=0.0).run_once()
+
+    assert counts == {"queued": 1, "done": 3}
+    assert calls.count(prompt_ids[0]) == 2
+    with psycopg.connect(database_url) as connection:
+        rows = connection.execute("SELECT id, status, attempts, last_error FROM prompts ORDER BY id").fetchall()
+        runs = connection.execute("SELECT count(*), count(DISTINCT prompt_id) FROM measurement_runs").fetchone()
+    assert rows[0] == (prompt_ids[0], "done", 2, None) and [row[1:3] for row in rows[1:]] == [("done", 1), ("done", 1)]
+    assert runs == (3, 3)
