@@ -31,9 +31,9 @@ def summary_lines(measurement: Measurement) -> list[str]:
     n = len(measurement.tokens)
     lines = [
         f"model {model['name']} ({model['family']}, {model['num_layers']} layers, {model['dtype']}, {model['device']})",
-        f"prompt {len(measurement.input_ids)} tokens: {measurement.anchor_tokens} anchor, {n} context, "
-        f"{len(measurement.input_ids) - measurement.query_position} query; {len(measurement.measured_prefixes)} "
-        f"prefixes measured",
+        f"prompt {len(measurement.input_ids)} tokens: {measurement.anchor_tokens} anchor {measurement.anchor_text!r}, "
+        f"{n} context from {measurement.tokens[0].text!r}, {len(measurement.input_ids) - measurement.query_position} "
+        f"query; {len(measurement.measured_prefixes)} prefixes measured",
         f"exactness: max |logit error| {exactness['max_abs_logit_error']:.2e}, KL {exactness['kl']:.2e}",
         _timing_line(timings),
         f"whole context: KL(with || without) at the query {measurement.context_ablation.kl:.4f} nats",

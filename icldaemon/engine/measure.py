@@ -487,4 +487,5 @@ def measure(
         timings={"plain_forward_s": plain_forward_s, "recorded_forward_s": recorded_forward_s,
                  "dynamics_s": dynamics_s, "measure_s": measure_s},
         log_probs=full_log_probs.cpu().numpy(),
+        anchor_text="".join(prompt.token_texts[:anchor]),
     )

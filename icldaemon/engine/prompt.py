@@ -1,5 +1,6 @@
 """A tokenised prompt split into segments: anchor, context (labelled where it is a memory), query."""
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -127,6 +128,17 @@ def _validate_messages(messages) -> list[dict]:
     return messages
 
 
+def _starts_with_special_token(offsets: list[tuple[int, int]]) -> bool:
+    """Whether the tokenizer put a special token (BOS) in front: its text span is empty."""
+    return bool(offsets) and offsets[0][1] <= offsets[0][0]
+
+
+def _end_of_first_word(text: str) -> int:
+    """The character index just after the first whitespace-separated word of `text`."""
+    match = re.match(r"\s*\S+", text)
+    return match.end() if match else len(text)
+
+
 def build_prompt(
     tokenizer: PreTrainedTokenizerBase,
     *,
@@ -139,8 +151,10 @@ def build_prompt(
     """Render a raw prompt or a chat, with memories as labelled key-value lines, into segments.
 
     Memories go in front of a raw prompt, and into the system message of a chat (a new one if it has
-    none). The anchor is everything before the first context character (BOS, the chat template's
-    opening); the query is the last `query_tokens` tokens.
+    none). The anchor (docs/method.md §3) of a chat is the template's opening, everything before the
+    first message's content; of a raw prompt, the tokenizer's BOS, put in front where the tokenizer
+    defines one but does not add it, and the first word where it defines none. The query is the last
+    `query_tokens` tokens.
     """
     if (text is None) == (messages is None):
         raise BadInputError("exactly one of text or messages must be given")
@@ -172,6 +186,9 @@ def build_prompt(
     input_ids, offsets = list(encoding["input_ids"]), list(encoding["offset_mapping"])
     if not input_ids:
         raise BadInputError("the prompt is empty: it has 0 tokens")
+    if text is not None and not _starts_with_special_token(offsets) and tokenizer.bos_token_id is not None:
+        # a tokenizer that defines BOS but does not add it (SmolLM2, GPT-2): BOS is put in front as the anchor
+        input_ids, offsets = [tokenizer.bos_token_id, *input_ids], [(0, 0), *offsets]
     if max_tokens is not None and len(input_ids) > max_tokens:
         raise BadInputError(f"the prompt has {len(input_ids)} tokens; the model's context is {max_tokens}")
     if query_tokens < 1:
@@ -184,7 +201,11 @@ def build_prompt(
                 return index
         return len(input_ids)
 
-    anchor_end = max(first_token_at(context_start), 1)
+    anchor_end = first_token_at(context_start)
+    if anchor_end == 0:
+        # nothing in front of the context (a tokenizer without BOS, such as Qwen2's, or a chat template without
+        # an opening): the first word is the anchor, so that measuring never starts inside a word
+        anchor_end = first_token_at(_end_of_first_word(rendered))
     query_start = len(input_ids) - query_tokens
     if query_start <= anchor_end:
         raise BadInputError(

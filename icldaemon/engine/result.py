@@ -7,7 +7,9 @@ import numpy as np
 # The definition of prefix i and of "C without Y" that produced a measurement (docs/method.md, §5).
 # 1: the query kept its position in the whole prompt, removed tokens left a gap in the positions.
 # 2: every run is a prompt that could be sent: the query follows the kept tokens, removal closes up.
-METHOD_VERSION = 2
+# 3: as 2, and a raw prompt's anchor is BOS even where the tokenizer does not add it (the first word
+#    where it has none), so that the context starts at the prompt's first word.
+METHOD_VERSION = 3
 
 DYNAMICS_NAMES = (
     "delta_norm",
@@ -95,6 +97,7 @@ class Measurement:
     model: dict
     timings: dict = field(default_factory=dict)
     method_version: int = METHOD_VERSION
+    anchor_text: str = ""  # the anchor's tokens decoded: BOS, the chat template's opening, or the first word
     # log p(. | C) at the query, float64 [vocab]: kept for checks, not written anywhere
     log_probs: np.ndarray | None = field(default=None, repr=False)
 
@@ -118,6 +121,7 @@ class Measurement:
             "method_version": self.method_version,
             "input_ids": list(self.input_ids),
             "anchor_tokens": self.anchor_tokens,
+            "anchor_text": self.anchor_text,
             "query_position": self.query_position,
             "tokens": [vars(token) for token in self.tokens],
             "dynamics": {name: finite_or_none(values) for name, values in self.dynamics.items()},

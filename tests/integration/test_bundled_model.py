@@ -84,7 +84,7 @@ def test_every_prefix_agrees_with_two_passes_on_the_contiguous_prompt(bundled):
     prompt = build_prompt(bundled.tokenizer, text=MEETING_NOTES)
     assert prompt.context_tokens >= 30
     document = measure(bundled.model, prompt, plain_forward_repeats=0).to_json()
-    assert document["method_version"] == 2
+    assert document["method_version"] == 3
     expected = reference_dynamics(bundled.model, prompt)
     for name in ACCEPTANCE:
         measured = np.array(document["dynamics"][name], dtype=float)

@@ -66,7 +66,7 @@ def test_run_once_measures_good_prompts_and_fails_bad_ones_by_name(database_url,
 
     for prompt_id in good.values():
         assert status[prompt_id] == ("done", None, 1)
-    assert method_versions == [(2,)]  # prompts that could be sent: docs/method.md
+    assert method_versions == [(3,)]  # the current definition: docs/method.md §5
     expected_errors = {
         "malformed": "messages must be a non-empty JSON list",
         "no content": "message 0 is not a",

@@ -80,3 +80,23 @@ def test_bad_input_exits_with_a_message(tmp_path, model_dir, files, message):
     assert result.returncode == 1
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_summary_shows_the_anchor_and_a_text_prompt_is_measured_from_its_first_word(tmp_path, model_dir,
+                                                                                        tiny_tokenizer):
+    text = "Translate English to French: cheese =>"
+    (tmp_path / "prompt.txt").write_text(text)
+
+    result = run_cli("measure", "--model", str(model_dir), "--text-file", "prompt.txt", "--json", "out.json",
+                     cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    document = json.loads((tmp_path / "out.json").read_text())
+    words = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    # the tokenizer defines BOS without adding it: BOS is put in front, and every word of the text is context
+    assert document["input_ids"] == [tiny_tokenizer.bos_token_id, *words]
+    assert (document["anchor_tokens"], document["anchor_text"]) == (1, "<|bos|>")
+    first = tiny_tokenizer.decode(words[:1])
+    assert document["tokens"][0]["text"] == first and text.startswith(first)
+    assert (f"prompt {len(words) + 1} tokens: 1 anchor '<|bos|>', {len(words) - 1} context from {first!r}, 1 query"
+            in result.stdout)

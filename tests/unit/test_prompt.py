@@ -1,6 +1,9 @@
 """Rendering prompts and memories into segments, and refusing bad input."""
 
+import copy
+
 import pytest
+from tokenizers import processors
 
 from icldaemon.engine.prompt import Memory, Segment, SegmentedPrompt, build_prompt
 from icldaemon.exceptions import BadInputError
@@ -42,6 +45,45 @@ def test_raw_text_with_query_tokens(tiny_tokenizer):
     assert prompt.query_tokens == 3
     assert prompt.anchor_tokens == 1
     assert prompt.segments[1].kind == "context" and prompt.segments[2].label == "memory:7"
+
+
+TEXT = "Translate English to French: cheese =>"
+
+
+def test_a_raw_prompt_is_anchored_on_bos_even_where_the_tokenizer_does_not_add_it(tiny_tokenizer):
+    assert tiny_tokenizer(TEXT)["input_ids"][0] != tiny_tokenizer.bos_token_id  # BOS is defined, not added
+    prompt = build_prompt(tiny_tokenizer, text=TEXT)
+    assert prompt.input_ids == [tiny_tokenizer.bos_token_id, *tiny_tokenizer(TEXT, add_special_tokens=False)["input_ids"]]
+    assert prompt.anchor_tokens == 1 and prompt.token_texts[0] == "<|bos|>"
+    # the context starts at the prompt's first character: no word is cut
+    assert tiny_tokenizer.decode(prompt.input_ids[1 : prompt.query_position]) + " =>" == TEXT
+
+
+def test_a_tokenizer_that_adds_bos_gets_it_once(tiny_tokenizer):
+    adds_bos = copy.deepcopy(tiny_tokenizer)
+    adds_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", special_tokens=[("<|bos|>", tiny_tokenizer.bos_token_id)])
+    prompt = build_prompt(adds_bos, text=TEXT)
+    assert prompt.input_ids == build_prompt(tiny_tokenizer, text=TEXT).input_ids
+    assert prompt.input_ids.count(tiny_tokenizer.bos_token_id) == 1 and prompt.anchor_tokens == 1
+
+
+@pytest.mark.parametrize("text", [TEXT, "  Translate English to French: cheese =>"])
+def test_without_bos_the_first_word_is_the_anchor(tiny_tokenizer, text):
+    no_bos = copy.deepcopy(tiny_tokenizer)
+    no_bos.bos_token = None
+    prompt = build_prompt(no_bos, text=text)
+    assert prompt.input_ids == no_bos(text)["input_ids"]
+    first_word_end = text.index("Translate") + len("Translate")
+    assert no_bos.decode(prompt.input_ids[: prompt.anchor_tokens]) == text[:first_word_end]
+    assert no_bos.decode(prompt.input_ids[prompt.anchor_tokens : prompt.query_position]) + " =>" == text[first_word_end:]
+
+
+def test_a_chat_is_anchored_on_its_template_opening_not_on_bos(tiny_tokenizer):
+    prompt = build_prompt(tiny_tokenizer, messages=CHAT)
+    assert tiny_tokenizer.bos_token_id not in prompt.input_ids
+    assert decoded(tiny_tokenizer, prompt, prompt.segments[0]) == "<|im_start|>user\n"
+    assert decoded(tiny_tokenizer, prompt, prompt.segments[1]).startswith("What is")
 
 
 @pytest.mark.parametrize(
