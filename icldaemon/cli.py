@@ -1,11 +1,12 @@
-"""The command line: `icldaemon measure | migrate | run | submit | status | memories | runs | consolidate | adapters |
-generate | plot | roles`.
+"""The command line: `icldaemon measure | migrate | db | run | submit | status | memories | runs | consolidate |
+adapters | generate | plot | roles`.
 
 The only place errors become messages and exit codes.
 """
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -18,14 +19,29 @@ from icldaemon.settings import Settings, load_settings
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 MEASURE_PLAIN_FORWARD_REPEATS = 3  # warm plain passes timed by `measure` for its speed ratio
+DESCRIPTION = (
+    "Measure how far a language model's context moves its implicit weights, per layer and per context token, "
+    "and attribute the effect to each retrieved memory; prompts, memories and results live in PostgreSQL "
+    "(an embedded server unless ICLD_DATABASE_URL is set). `icldaemon COMMAND --help` explains a command."
+)
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInputError(f"{what} file {path} does not exist") from None
+    except OSError as exc:  # a directory, no permission
+        raise BadInputError(f"{what} file {path} cannot be read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"{what} file {path} is not valid UTF-8: {exc}") from exc
 
 
 def _read_json(path: str, what: str):
+    text = _read_text(path, what)
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BadInputError(f"{what} file {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
         raise BadInputError(f"{what} file {path} is not valid JSON: {exc}") from exc
 
 
@@ -33,12 +49,13 @@ def _read_prompt_source(args) -> dict:
     """{"text": ...} from --text-file or {"messages": ...} from --messages-file."""
     if not args.text_file:
         return {"messages": _read_json(args.messages_file, "messages")}
-    try:
-        return {"text": Path(args.text_file).read_text(encoding="utf-8")}
-    except FileNotFoundError:
-        raise BadInputError(f"text file {args.text_file} does not exist") from None
-    except UnicodeDecodeError as exc:
-        raise BadInputError(f"text file {args.text_file} is not valid UTF-8: {exc}") from exc
+    return {"text": _read_text(args.text_file, "text")}
+
+
+def _check_output(path: str | None, option: str) -> None:
+    """Refuse, before any work, a file to write whose directory does not exist."""
+    if path is not None and not Path(path).absolute().parent.is_dir():
+        raise BadInputError(f"{option} {path}: the directory {Path(path).absolute().parent} does not exist")
 
 
 def _read_memories(path: str | None):
@@ -57,14 +74,27 @@ def _read_memories(path: str | None):
     return memories
 
 
+def _check_model_name(name: str | None) -> None:
+    """Refuse a model name that cannot be loaded (ModelLoadError) before torch is imported, which takes seconds."""
+    from icldaemon.engine.model_names import model_source
+
+    if name is not None:  # None: the bundled model
+        model_source(name)
+
+
 def cmd_measure(args, settings: Settings) -> int:
+    # the input and the model name are checked before torch is imported: a fault is named at once
+    prompt_source = _read_prompt_source(args)
+    memories = _read_memories(args.memories_file)
+    _check_output(args.json, "--json")
+    _check_output(args.plot, "--plot")
+    _check_model_name(args.model or settings.model)
+
     from icldaemon.engine.loading import load_model
     from icldaemon.engine.measure import max_positions, measure
     from icldaemon.engine.prompt import build_prompt
     from icldaemon.report import summary_lines
 
-    prompt_source = _read_prompt_source(args)
-    memories = _read_memories(args.memories_file)
     loaded = load_model(args.model or settings.model, models_dir=settings.models_dir, device=settings.device,
                         dtype=settings.dtype)
     prompt = build_prompt(loaded.tokenizer, memories=memories, query_tokens=args.query_tokens,
@@ -99,16 +129,68 @@ def cmd_migrate(args, settings: Settings) -> int:
     return 0
 
 
+class _Stopped(Exception):
+    """SIGINT or SIGTERM arrived."""
+
+
+def _raise_stopped(signum, frame):
+    raise _Stopped(signal.Signals(signum).name)
+
+
+def cmd_db(args, settings: Settings) -> int:
+    """The embedded database held up until SIGINT or SIGTERM, its URL on stdout; a configured one checked."""
+    from icldaemon.store.database import database_url, libpq_url, psql_command
+    from icldaemon.store.migrate import current, require_head, upgrade
+
+    if settings.database_url:
+        # a configured server is up on its own: check it and say where it is
+        with database_url(settings) as url:
+            require_head(url)
+        print(libpq_url(url))
+        print(f"icldaemon: ICLD_DATABASE_URL is set, and that server runs on its own: nothing to hold up; connect "
+              f"with:\n    {psql_command()} \"{libpq_url(url)}\"", file=sys.stderr)
+        return 0
+    previous = {}  # the signal handlers before ours, put back at the end
+    try:
+        with database_url(settings) as url:
+            if args.migrate:
+                upgrade(url)
+            revision = current(url) or "none: `icldaemon migrate` creates it"
+            previous = {signum: signal.signal(signum, _raise_stopped) for signum in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                print(libpq_url(url), flush=True)
+                print(f"icldaemon: the embedded database in {settings.pgdata_dir} (schema revision {revision}) is up "
+                      f"until Ctrl-C or SIGTERM; connect from another terminal with:\n"
+                      f"    {psql_command()} \"{libpq_url(url)}\"", file=sys.stderr, flush=True)
+                while True:
+                    signal.pause()
+            except _Stopped as stopped:
+                for signum in previous:  # a second signal does not interrupt the shutdown
+                    signal.signal(signum, signal.SIG_IGN)
+                print(f"icldaemon: {stopped}: releasing the embedded database (it stops once no other command uses "
+                      "it)", file=sys.stderr, flush=True)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 0
+
+
 def cmd_run(args, settings: Settings) -> int:
-    from icldaemon.consolidate import ConsolidationSettings
-    from icldaemon.daemon import DaemonSettings, Worker
-    from icldaemon.engine.loading import load_model
     from icldaemon.store.database import database_url
-    from icldaemon.store.migrate import upgrade
+    from icldaemon.store.migrate import require_head, upgrade
 
     with database_url(settings) as url:
+        # the database and the model name are checked before torch is imported and the model loads
         if args.migrate:
             upgrade(url)
+        else:
+            require_head(url)
+        _check_model_name(settings.model)
+
+        from icldaemon.consolidate import ConsolidationSettings
+        from icldaemon.daemon import DaemonSettings, Worker
+        from icldaemon.engine.loading import load_model
+
         loaded = load_model(settings.model, models_dir=settings.models_dir, device=settings.device,
                             dtype=settings.dtype)
         processed: list[int] = []  # with --once: the prompts this worker measured or failed, for their run ids
@@ -154,14 +236,43 @@ _memory_ids = _comma_separated_ints("memory ids", "1,2,3")
 _layers = _comma_separated_ints("layer indices", "0,5,29")
 
 
-def _at_least_one(value: str) -> int:
-    """An argparse type for a count such as --limit."""
+def _whole_number_at_least(minimum: int, why: str = ""):
+    """An argparse type for a count such as --limit or --stride; `why` explains the minimum."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}{why}, got {value!r}")
+        return number
+
+    return parse
+
+
+_at_least_one = _whole_number_at_least(1)
+
+
+def _positive_number(value: str) -> float:
+    """An argparse type for --ridge."""
     try:
-        number = int(value)
+        number = float(value)
     except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
+        number = 0.0
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return number
+
+
+def _non_negative_number(value: str) -> float:
+    """An argparse type for --preservation."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of at least 0, got {value!r}")
     return number
 
 
@@ -256,18 +367,24 @@ def cmd_runs(args, settings: Settings) -> int:
 
 
 def cmd_consolidate(args, settings: Settings) -> int:
-    from icldaemon.consolidate import ConsolidationRequest, ConsolidationSettings, Consolidator, describe
-    from icldaemon.engine.loading import load_model
     from icldaemon.store.database import database_url
+    from icldaemon.store.migrate import require_head
 
-    request = ConsolidationRequest.from_settings(
-        ConsolidationSettings(),
-        scope=args.scope or ("memory" if args.memory_id is not None else
-                             "session" if args.session_id is not None else None),
-        memory_id=args.memory_id, session_id=args.session_id, rank=args.rank, min_patches=args.min_patches,
-        ridge=args.ridge, preservation=args.preservation,
-    )
+    # the numbers are checked by argparse; the database and the model name before torch is imported
     with database_url(settings) as url:
+        require_head(url)
+        _check_model_name(settings.model)
+
+        from icldaemon.consolidate import ConsolidationRequest, ConsolidationSettings, Consolidator, describe
+        from icldaemon.engine.loading import load_model
+
+        request = ConsolidationRequest.from_settings(
+            ConsolidationSettings(),
+            scope=args.scope or ("memory" if args.memory_id is not None else
+                                 "session" if args.session_id is not None else None),
+            memory_id=args.memory_id, session_id=args.session_id, rank=args.rank, min_patches=args.min_patches,
+            ridge=args.ridge, preservation=args.preservation,
+        )
         loaded = load_model(settings.model, models_dir=settings.models_dir, device=settings.device,
                             dtype=settings.dtype)
         records = Consolidator(url, loaded, settings.adapters_dir).run(request)
@@ -319,23 +436,25 @@ def cmd_adapters(args, settings: Settings) -> int:
 def cmd_generate(args, settings: Settings) -> int:
     import warnings
 
-    from peft import PeftModel
-
-    from icldaemon.engine.answers import greedy_answer, stop_token_ids
-    from icldaemon.engine.loading import load_model
-    from icldaemon.engine.measure import max_positions
-    from icldaemon.engine.prompt import Memory, build_prompt
     from icldaemon.store import adapters, queue
     from icldaemon.store.database import database_url
 
-    if args.max_new_tokens < 1:
-        raise BadInputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    # the input, the adapter and the model name are checked before torch is imported
     source = _read_prompt_source(args)
     with database_url(settings) as url, queue.connect(url) as connection:
         row = adapters.adapter(connection, args.adapter)
     path = Path(row["path"])
     if not (path / "adapter_config.json").is_file():
         raise BadInputError(f"adapter {args.adapter}'s directory {path} holds no adapter_config.json (moved or deleted?)")
+    _check_model_name(settings.model)
+
+    from peft import PeftModel
+
+    from icldaemon.engine.answers import greedy_answer, stop_token_ids
+    from icldaemon.engine.loading import load_model
+    from icldaemon.engine.measure import max_positions
+    from icldaemon.engine.prompt import Memory, build_prompt
+
     loaded = load_model(settings.model, models_dir=settings.models_dir, device=settings.device, dtype=settings.dtype)
     if row["model"] != loaded.name:
         raise BadInputError(f"adapter {args.adapter} was fitted on {row['model']}; the loaded model is {loaded.name} "
@@ -366,9 +485,10 @@ def cmd_plot(args, settings: Settings) -> int:
     from icldaemon.store.database import database_url
     from icldaemon.store.runs import load_run
 
+    out = args.out or f"run-{args.run_id}.png"
+    _check_output(out, "--out")
     with database_url(settings) as url, queue.connect(url) as connection:
         run = load_run(connection, args.run_id)
-    out = args.out or f"run-{args.run_id}.png"
     plot_run(run, out, layers=args.layers)
     print(f"wrote {out}")
     return 0
@@ -390,7 +510,7 @@ def cmd_roles(args, settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="icldaemon", description=__doc__)
+    parser = argparse.ArgumentParser(prog="icldaemon", description=DESCRIPTION)
     parser.add_argument("--log-format", choices=["json", "console", "auto"], help="overrides ICLD_LOG_FORMAT")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -400,21 +520,34 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--text-file", help="a raw completion prompt")
     source.add_argument("--messages-file", help="a JSON chat: a list of {\"role\", \"content\"} objects")
     measure.add_argument("--memories-file", help="a JSON list of {\"id\", \"key\", \"content\"} memories")
-    measure.add_argument("--query-tokens", type=int, default=1, help="trailing tokens that form the query (default 1)")
-    measure.add_argument("--stride", type=int, default=1, help="measure every k-th prefix (and segment boundaries)")
+    measure.add_argument("--query-tokens", type=_at_least_one, default=1,
+                         help="trailing tokens that form the query (default 1)")
+    measure.add_argument("--stride", type=_at_least_one, default=1,
+                         help="measure every k-th prefix, and always the segment boundaries (default 1: every prefix)")
     measure.add_argument("--json", metavar="OUT", help="write the measurement as JSON")
     measure.add_argument("--plot", metavar="OUT.png", help="write per-token curves and a layer x token heatmap")
     measure.add_argument("--layers", type=_layers, help="layers to draw curves for in --plot: 0,5,29")
     measure.set_defaults(handler=cmd_measure)
 
     migrate = commands.add_parser("migrate", help="create or upgrade the schema (embedded database if none is set)")
-    migrate.add_argument("--revision", default="head")
+    migrate.add_argument("--revision", default="head",
+                         help="the Alembic revision to upgrade to, e.g. 0005 (default head: the newest)")
     migrate.set_defaults(handler=cmd_migrate)
+
+    db = commands.add_parser(
+        "db", help="hold up the embedded database for psql and other clients; prints its URL",
+        description="Start the embedded database (or join the running one), upgrade its schema, print its URL on "
+                    "stdout and keep it up until Ctrl-C or SIGTERM. With ICLD_DATABASE_URL set, check that database "
+                    "and print its URL at once.")
+    db.add_argument("--no-migrate", dest="migrate", action="store_false",
+                    help="do not upgrade the embedded database's schema first")
+    db.set_defaults(handler=cmd_db)
 
     run = commands.add_parser("run", help="the daemon: measure queued prompts and write the results")
     run.add_argument("--once", action="store_true", help="drain the queue and exit")
     run.add_argument("--worker-id", help="this worker's name in prompts.worker_id (default host:pid)")
-    run.add_argument("--stride", type=int, default=1, help="measure every k-th prefix (and segment boundaries)")
+    run.add_argument("--stride", type=_at_least_one, default=1,
+                     help="measure every k-th prefix, and always the segment boundaries (default 1: every prefix)")
     run.add_argument("--no-migrate", dest="migrate", action="store_false",
                      help="do not upgrade the schema before starting")
     run.set_defaults(handler=cmd_run)
@@ -429,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.set_defaults(handler=cmd_submit)
 
     status = commands.add_parser("status", help="queue counts by status and the last errors")
-    status.add_argument("--errors", type=int, default=5, help="how many recent errors to show (default 5)")
+    status.add_argument("--errors", type=_whole_number_at_least(0), default=5,
+                        help="how many recent errors to show (default 5)")
     status.set_defaults(handler=cmd_status)
 
     memories = commands.add_parser("memories", help="add or update a memory by key, or list the memories")
@@ -449,20 +583,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     consolidate = commands.add_parser(
         "consolidate", help="fit the stored answer patches of memories (or sessions) into PEFT LoRA adapters")
-    consolidate.add_argument("--memory-id", type=int, help="only this memory")
+    consolidate.add_argument("--memory-id", type=int,
+                             help="only this memory (default: every memory with enough new retrievals)")
     consolidate.add_argument("--session-id", help="only this session (a UUID)")
     consolidate.add_argument("--scope", choices=["memory", "session", "all"],
                              help="what one adapter covers (default: ICLD_CONSOLIDATE_SCOPE, else memory)")
-    consolidate.add_argument("--rank", type=int, help="LoRA rank (default: ICLD_CONSOLIDATE_RANK, else 4)")
-    consolidate.add_argument("--min-patches", type=int,
+    consolidate.add_argument("--rank", type=_at_least_one,
+                             help="LoRA rank; lowered, with a warning, where there are fewer (retrieval, answer "
+                                  "position) pairs to fit (default: ICLD_CONSOLIDATE_RANK, else 4)")
+    consolidate.add_argument("--min-patches", type=_whole_number_at_least(2, " (one retrieval to fit, one held out)"),
                              help="new retrievals a group needs (default: ICLD_CONSOLIDATE_MIN_PATCHES, else 8)")
-    consolidate.add_argument("--ridge", type=float, help="ridge lambda as a share of the mean squared key norm")
-    consolidate.add_argument("--preservation", type=float,
-                             help="weight of the shipped neutral prompts against the retrievals in the fit")
+    consolidate.add_argument("--ridge", type=_positive_number,
+                             help="ridge lambda as a share of the mean squared key norm (default: "
+                                  "ICLD_CONSOLIDATE_RIDGE, else 0.05)")
+    consolidate.add_argument("--preservation", type=_non_negative_number,
+                             help="weight of the shipped neutral prompts against the retrievals in the fit (default: "
+                                  "ICLD_CONSOLIDATE_PRESERVATION, else 1.0)")
     consolidate.set_defaults(handler=cmd_consolidate)
 
     adapters = commands.add_parser("adapters", help="list the adapter versions with their status and figures")
-    adapters.add_argument("--limit", type=int, default=50, help="how many, newest first (default 50)")
+    adapters.add_argument("--limit", type=_at_least_one, default=50, help="how many, newest first (default 50)")
     adapters.set_defaults(handler=cmd_adapters)
 
     generate = commands.add_parser(
@@ -471,7 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     prompt_source = generate.add_mutually_exclusive_group(required=True)
     prompt_source.add_argument("--messages-file", help="a JSON chat: a list of {\"role\", \"content\"} objects")
     prompt_source.add_argument("--text-file", help="a raw prompt")
-    generate.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens to generate (default 32)")
+    generate.add_argument("--max-new-tokens", type=_at_least_one, default=32,
+                          help="greedy tokens to generate (default 32)")
     generate.set_defaults(handler=cmd_generate)
 
     plot = commands.add_parser("plot", help="draw a measured run from the database: per-token curves and a heatmap")

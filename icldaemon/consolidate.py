@@ -289,6 +289,10 @@ class Consolidator:
                                             preservation=request.preservation)
         fit_seconds = time.perf_counter() - started
         log.info("adapter_fitted", pairs=patch.pairs, seconds=round(fit_seconds, 3))
+        if patch.rank < request.rank:
+            reason = (f"only {patch.pairs} (retrieval, answer position) pairs to fit, from {len(fit)} retrieval(s)"
+                      if patch.pairs < request.rank else f"the model's width is {self.d_model}")
+            log.warning("rank_lowered", requested_rank=request.rank, rank=patch.rank, reason=reason)
 
         checks = self._held_out(connection, held_out)
         level = (edit_figures.answer_figures(self.loaded.model, self.loaded.tokenizer, patch, checks.examples,

@@ -1,6 +1,7 @@
 """Connecting to PostgreSQL: URLs, engines, the embedded server, and driver errors translated at the boundary."""
 
 import contextlib
+import shutil
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -52,6 +53,17 @@ def check_url(url: str, source: str) -> None:
 def normalize_url(url: str) -> str:
     """The SQLAlchemy URL, with the psycopg 3 driver, of a postgresql:// (or postgres://) URL."""
     return _parse(url).set(drivername=DRIVER_NAME).render_as_string(hide_password=False)
+
+
+def libpq_url(url: str) -> str:
+    """The URL as psql and libpq take it: scheme postgresql://, no +driver, no empty password (`user:@`)."""
+    _parse(url)
+    rest = url.split("://", 1)[1]
+    authority_end = min((index for index in (rest.find("/"), rest.find("?")) if index >= 0), default=len(rest))
+    userinfo, at, host = rest[:authority_end].rpartition("@")
+    if at and userinfo.endswith(":"):
+        rest = f"{userinfo[:-1]}@{host}{rest[authority_end:]}"
+    return f"postgresql://{rest}"
 
 
 def describe_url(url: str) -> str:
@@ -126,6 +138,14 @@ def _import_pgserver():
         import pgserver
         import pgserver.utils
     return pgserver
+
+
+def psql_command() -> str:
+    """`psql` where it is on PATH, else the psql that the pgserver wheel ships."""
+    if shutil.which("psql"):
+        return "psql"
+    bundled = Path(_import_pgserver().POSTGRES_BIN_PATH) / "psql"
+    return str(bundled) if bundled.is_file() else "psql"
 
 
 def _postmaster_running(pgdata: Path) -> bool:

@@ -76,3 +76,24 @@ def current(url: str) -> str | None:
             return MigrationContext.configure(connection).get_current_revision()
     finally:
         engine.dispose()
+
+
+def _known(revision: str) -> bool:
+    try:
+        return ScriptDirectory.from_config(alembic_config()).get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
+def require_head(url: str) -> None:
+    """DatabaseError, saying what to do, unless the database at `url` is at this release's newest revision."""
+    revision, newest = current(url), head()
+    if revision == newest:
+        return
+    if revision is None:
+        state = "has no icldaemon schema: run `icldaemon migrate`"
+    elif _known(revision):
+        state = f"is at schema revision {revision}, behind this release's {newest}: run `icldaemon migrate`"
+    else:
+        state = f"is at schema revision {revision}, which this release does not know (its newest is {newest})"
+    raise DatabaseError(f"the {describe_url(url)} {state}")

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from daemon_fixtures import save_tiny_model
 
-from icldaemon.demo import MEMORIES
+from icldaemon.demo import MEMORIES, PROMPTS
 from icldaemon.store import queue
 from icldaemon.store.memories import upsert_memory
 
@@ -204,7 +204,14 @@ def test_the_demo_run_twice_reuses_its_memories_and_prints_run_ids(icldaemon, da
     with psycopg.connect(database_url) as connection:
         run_ids = [row[0] for row in connection.execute("SELECT id FROM measurement_runs ORDER BY id")]
     assert len(run_ids) == 10
+    titles = [title for title, _example in PROMPTS]
     for output, runs in ((first.stdout, run_ids[:5]), (second.stdout, run_ids[5:])):
-        table = output.split("Per prompt:")[1].split("Per memory:")[0].splitlines()[2:]
-        assert sorted(int(line[28:].split()[0]) for line in table if line.strip()) == runs
-        assert f"Draw a run: icldaemon plot {runs[0]} --out run.png" in output
+        table = output.split("Per prompt (")[1].split("Per memory (")[0].splitlines()
+        assert sorted(int(line[28:].split()[0]) for line in table if line[:28].strip() in titles) == runs
+        assert f".venv/bin/icldaemon plot {runs[0]} --out run.png" in output
+    # the summary says what its columns are, in which units, where the results are and what to run next
+    assert "context KL: KL(with context || without it) at the query, nats" in first.stdout
+    assert "mean KL: KL(with it || without it) at the query, nats" in first.stdout
+    assert "The results are stored in the database of ICLD_DATABASE_URL: tables measurement_runs" in first.stdout
+    assert "icl_analytics" in first.stdout and ".venv/bin/icldaemon db" in first.stdout
+    assert f".venv/bin/icldaemon consolidate --memory-id {stored[2][0]} --min-patches 2" in first.stdout

@@ -1,4 +1,5 @@
-"""`icldaemon measure --model NAME` for a name that is no model here: it fails in seconds and says how it read NAME.
+"""`icldaemon measure --model NAME` for a name that is no model here: it fails in seconds and says how it read NAME;
+so does every other command that loads a model (ICLD_MODEL).
 
 No real hub is contacted: HF_ENDPOINT points at a closed port (an unreachable hub) or at a small local server
 that answers like the hub does for a model it does not have.
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 
+import psycopg
 import pytest
 
 FAIL_WITHIN = 30.0  # seconds; the hub client's own retries took about 50 s
@@ -111,3 +113,49 @@ def test_a_name_that_is_neither_a_path_nor_a_hub_id_says_so(tmp_path, closed_por
 
     assert the_error(result) == ("icldaemon: model 'my model' is not a directory here and not a valid hub id "
                                  "(\"org/name\": letters, digits, '-', '_' and '.', at most 96 characters)")
+
+
+# --- every command that loads a model
+
+
+MODEL_COMMANDS = {
+    "measure": ["measure", "--model", "nosuch-org/nosuch-model", "--text-file", "prompt.txt"],
+    "run": ["run", "--once"],
+    "consolidate": ["consolidate", "--memory-id", "1"],
+    "generate": ["generate", "--adapter", "{adapter}", "--text-file", "prompt.txt"],
+}
+COMMAND_FAILS_WITHIN = 10.0  # seconds, process start included: the name is refused before torch is imported
+
+
+@pytest.fixture
+def stored_adapter(database_url, tmp_path) -> int:
+    """An adapter row, with a directory holding an adapter_config.json, for `generate` to get as far as the model."""
+    directory = tmp_path / "adapter"
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text("{}", encoding="utf-8")
+    with psycopg.connect(database_url) as connection:
+        return connection.execute(
+            "INSERT INTO adapters (scope, scope_key, model, version, layers, rank, ridge, patch_count, held_out_count, "
+            "path, method, status) VALUES ('all', 'all', 'nosuch-org/nosuch-model', 1, '{0}', 1, 0.05, 1, 1, %s, "
+            "'down_projection', 'rejected') RETURNING id", (str(directory),)).fetchone()[0]
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS.values(), ids=MODEL_COMMANDS)
+def test_every_command_that_loads_a_model_names_an_unknown_one_at_once(tmp_path, closed_port, database_url,
+                                                                      stored_adapter, command):
+    (tmp_path / "prompt.txt").write_text("cheese => fromage\nbread =>", encoding="utf-8")
+    hub = f"http://127.0.0.1:{closed_port}"
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
+    env.update({"ICLD_DATA_DIR": str(tmp_path / "data"), "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": hub,
+                "ICLD_MODEL": "nosuch-org/nosuch-model", "ICLD_DATABASE_URL": database_url, "ICLD_LOG_FORMAT": "json"})
+    command = [part.format(adapter=stored_adapter) for part in command]
+
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "icldaemon", *command], capture_output=True, text=True,
+                            cwd=tmp_path, env=env, timeout=300)
+    seconds = time.monotonic() - started
+
+    assert the_error(result).startswith("icldaemon: model 'nosuch-org/nosuch-model' was read as a hub id (it is not "
+                                        f"a directory here); the hub {hub} cannot be reached within 5 s (")
+    assert result.stdout == ""
+    assert seconds < COMMAND_FAILS_WITHIN

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import psycopg
 import pytest
+import structlog
 import torch
 from daemon_fixtures import save_tiny_model
 
@@ -156,6 +157,25 @@ def test_patches_of_another_model_revision_are_not_mixed_in(database_url, tiny, 
                            (fact_id,))
     with pytest.raises(BadInputError, match=f"memory:{fact_id} has no answer patches of model .*; it has 4 of .*f00dfeed"):
         Consolidator(database_url, tiny, tmp_path).run(ConsolidationRequest(memory_id=fact_id, min_patches=2))
+
+
+def test_a_rank_above_the_pairs_to_fit_is_lowered_with_a_warning_naming_both(database_url, tiny, tmp_path):
+    fact_id = measure_questions(database_url, tiny, QUESTIONS[:2], OTHERS[:2])
+    with psycopg.connect(database_url) as connection:
+        answers = [ids for (ids,) in connection.execute(
+            "SELECT answer_ids FROM memory_answer_patches WHERE memory_id = %s ORDER BY run_id", (fact_id,))]
+    pairs = len(answers[0])  # the older retrieval is fitted, one answer position per answer token; the newer held out
+    assert pairs < 30 < tiny.model.config.hidden_size
+
+    with structlog.testing.capture_logs() as logs:
+        [record] = Consolidator(database_url, tiny, tmp_path).run(
+            ConsolidationRequest(memory_id=fact_id, rank=30, min_patches=2))
+
+    [warning] = [entry for entry in logs if entry["event"] == "rank_lowered"]
+    assert (warning["log_level"], warning["requested_rank"], warning["rank"]) == ("warning", 30, pairs)
+    assert warning["reason"] == f"only {pairs} (retrieval, answer position) pairs to fit, from 1 retrieval(s)"
+    with psycopg.connect(database_url) as connection:
+        assert connection.execute("SELECT rank FROM adapters WHERE id = %s", (record.id,)).fetchone() == (pairs,)
 
 
 def test_nan_in_a_stored_patch_fails_the_group_and_lists_nothing(database_url, tiny, tmp_path):
