@@ -184,47 +184,32 @@ for _column in DYNAMICS_COLUMNS:
 # One row per (measurement run, layer, context token), with the run's own columns from measurement_runs
 # and prompts: the table of the original brief, now a view over the arrays. The set-returning functions
 # sit in the select list, where PostgreSQL steps through the arrays together without materialising each
-# one; a filter on run_id or layer_idx reaches the index on icl_dynamics_layers.
+# one, and the joins sit beside them, so that a filter on any column that is not an array's element
+# (run_id, layer_idx, session_id, model, prompt_id, created_at) is applied before any array is unnested:
+# a run's rows through the primary key, a session's through prompts and measurement_runs.
 ICL_DYNAMICS_LOG_VIEW = """
 CREATE VIEW icl_dynamics_log AS
-SELECT logged.run_id,
+SELECT layers.run_id,
        runs.prompt_id,
        prompts.session_id,
        runs.prompt_hash,
        runs.model,
-       logged.layer_idx,
-       logged.token_idx,
-       logged.token_position,
-       logged.token_text,
-       logged.segment,
-       logged.memory_id,
-       logged.delta_norm,
-       logged.update_frobenius_norm,
-       logged.marginal_update_norm,
-       logged.cumulative_update_norm,
-       logged.implicit_learning_rate,
-       logged.bias_update_norm,
-       logged.created_at
-FROM (
-    SELECT layers.run_id,
-           layers.layer_idx,
-           layers.created_at,
-           generate_subscripts(layers.delta_norm, 1) - 1 AS token_idx,
-           unnest(tokens.token_position) AS token_position,
-           unnest(tokens.token_text) AS token_text,
-           unnest(tokens.segment) AS segment,
-           unnest(tokens.memory_id) AS memory_id,
-           unnest(layers.delta_norm)::double precision AS delta_norm,
-           unnest(layers.update_frobenius_norm)::double precision AS update_frobenius_norm,
-           unnest(layers.marginal_update_norm)::double precision AS marginal_update_norm,
-           unnest(layers.cumulative_update_norm)::double precision AS cumulative_update_norm,
-           unnest(layers.implicit_learning_rate)::double precision AS implicit_learning_rate,
-           unnest(layers.bias_update_norm)::double precision AS bias_update_norm
-    FROM icl_dynamics_layers AS layers
-    LEFT JOIN icl_dynamics_tokens AS tokens
-           ON tokens.run_id = layers.run_id AND tokens.created_at = layers.created_at
-) AS logged
-LEFT JOIN measurement_runs AS runs ON runs.id = logged.run_id
+       layers.layer_idx,
+       generate_subscripts(layers.delta_norm, 1) - 1 AS token_idx,
+       unnest(tokens.token_position) AS token_position,
+       unnest(tokens.token_text) AS token_text,
+       unnest(tokens.segment) AS segment,
+       unnest(tokens.memory_id) AS memory_id,
+       unnest(layers.delta_norm)::double precision AS delta_norm,
+       unnest(layers.update_frobenius_norm)::double precision AS update_frobenius_norm,
+       unnest(layers.marginal_update_norm)::double precision AS marginal_update_norm,
+       unnest(layers.cumulative_update_norm)::double precision AS cumulative_update_norm,
+       unnest(layers.implicit_learning_rate)::double precision AS implicit_learning_rate,
+       unnest(layers.bias_update_norm)::double precision AS bias_update_norm,
+       layers.created_at
+FROM icl_dynamics_layers AS layers
+LEFT JOIN icl_dynamics_tokens AS tokens ON tokens.run_id = layers.run_id AND tokens.created_at = layers.created_at
+LEFT JOIN measurement_runs AS runs ON runs.id = layers.run_id
 LEFT JOIN prompts ON prompts.id = runs.prompt_id
 """
 event.listen(Base.metadata, "after_create", DDL(ICL_DYNAMICS_LOG_VIEW))

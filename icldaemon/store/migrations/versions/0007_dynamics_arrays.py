@@ -52,44 +52,27 @@ IRREGULAR_RUNS_SHOWN = 5
 
 LOG_VIEW = """
 CREATE VIEW icl_dynamics_log AS
-SELECT logged.run_id,
+SELECT layers.run_id,
        runs.prompt_id,
        prompts.session_id,
        runs.prompt_hash,
        runs.model,
-       logged.layer_idx,
-       logged.token_idx,
-       logged.token_position,
-       logged.token_text,
-       logged.segment,
-       logged.memory_id,
-       logged.delta_norm,
-       logged.update_frobenius_norm,
-       logged.marginal_update_norm,
-       logged.cumulative_update_norm,
-       logged.implicit_learning_rate,
-       logged.bias_update_norm,
-       logged.created_at
-FROM (
-    SELECT layers.run_id,
-           layers.layer_idx,
-           layers.created_at,
-           generate_subscripts(layers.delta_norm, 1) - 1 AS token_idx,
-           unnest(tokens.token_position) AS token_position,
-           unnest(tokens.token_text) AS token_text,
-           unnest(tokens.segment) AS segment,
-           unnest(tokens.memory_id) AS memory_id,
-           unnest(layers.delta_norm)::double precision AS delta_norm,
-           unnest(layers.update_frobenius_norm)::double precision AS update_frobenius_norm,
-           unnest(layers.marginal_update_norm)::double precision AS marginal_update_norm,
-           unnest(layers.cumulative_update_norm)::double precision AS cumulative_update_norm,
-           unnest(layers.implicit_learning_rate)::double precision AS implicit_learning_rate,
-           unnest(layers.bias_update_norm)::double precision AS bias_update_norm
-    FROM icl_dynamics_layers AS layers
-    LEFT JOIN icl_dynamics_tokens AS tokens
-           ON tokens.run_id = layers.run_id AND tokens.created_at = layers.created_at
-) AS logged
-LEFT JOIN measurement_runs AS runs ON runs.id = logged.run_id
+       layers.layer_idx,
+       generate_subscripts(layers.delta_norm, 1) - 1 AS token_idx,
+       unnest(tokens.token_position) AS token_position,
+       unnest(tokens.token_text) AS token_text,
+       unnest(tokens.segment) AS segment,
+       unnest(tokens.memory_id) AS memory_id,
+       unnest(layers.delta_norm)::double precision AS delta_norm,
+       unnest(layers.update_frobenius_norm)::double precision AS update_frobenius_norm,
+       unnest(layers.marginal_update_norm)::double precision AS marginal_update_norm,
+       unnest(layers.cumulative_update_norm)::double precision AS cumulative_update_norm,
+       unnest(layers.implicit_learning_rate)::double precision AS implicit_learning_rate,
+       unnest(layers.bias_update_norm)::double precision AS bias_update_norm,
+       layers.created_at
+FROM icl_dynamics_layers AS layers
+LEFT JOIN icl_dynamics_tokens AS tokens ON tokens.run_id = layers.run_id AND tokens.created_at = layers.created_at
+LEFT JOIN measurement_runs AS runs ON runs.id = layers.run_id
 LEFT JOIN prompts ON prompts.id = runs.prompt_id
 """
 
@@ -99,55 +82,56 @@ LOG_VIEW_COMMENT = (
     "the tokens once per run in icl_dynamics_tokens, the run's own columns in measurement_runs and prompts."
 )
 
-# Revision 0005's definition, per (run, layer) over the arrays: the same expressions on the same values, in
-# a lateral subquery per layer row instead of windows over every row of the log, and the share's window
-# partitioned by the run's columns too (one partition per run all the same), so that a filter on the
-# model, the session or the time reaches measurement_runs before any array is read.
+# Revision 0005's definition, per (run, layer) over the arrays: the last measured token and the values
+# there, then the tokens where the norms settle, each a pass over the layer's arrays in a lateral subquery
+# (the OFFSET 0 keeps the final values computed once per layer, not once per token), instead of windows
+# over every row of the log; the share's window is partitioned by the run's columns too (one partition
+# per run all the same), so that a filter on the model, the session or the time reaches
+# measurement_runs before any array is read.
 RUN_LAYERS = """
 CREATE OR REPLACE VIEW icl_analytics.run_layers AS
 WITH per_layer AS (
-    SELECT layers.run_id, layers.layer_idx, stats.*
+    SELECT layers.run_id, layers.layer_idx, measured.measured_tokens, measured.peak_update_norm, final.*,
+           settled.path_saturation_token_idx, saturation.saturation_token_idx
     FROM icl_dynamics_layers AS layers
     CROSS JOIN LATERAL (
         SELECT count(*) AS measured_tokens,
-               max(token_idx) AS final_token_idx,
-               min(token_idx) FILTER (WHERE token_idx > coalesce(last_unsettled_token_idx, -1)) AS saturation_token_idx,
-               min(token_idx) FILTER (
-                   WHERE cumulative_update_norm >= (1 - 0.1) * final_path_length
-               ) AS path_saturation_token_idx,
-               max(final_update_norm) AS final_update_norm,
-               max(final_path_length) AS final_path_length,
-               max(final_bias_update_norm) AS final_bias_update_norm,
-               max(final_delta_norm) AS final_delta_norm,
-               max(final_implicit_learning_rate) AS final_implicit_learning_rate,
-               max(update_frobenius_norm) AS peak_update_norm
-        FROM (
-            SELECT *,
-                   -- the last measured token at which the update norm was still away from its final value
-                   max(token_idx) FILTER (
-                       WHERE abs(update_frobenius_norm - final_update_norm) > 0.1 * final_update_norm
-                   ) OVER () AS last_unsettled_token_idx
-            FROM (
-                SELECT token_idx, update_frobenius_norm, cumulative_update_norm,
-                       last_value(update_frobenius_norm) OVER whole_context AS final_update_norm,
-                       last_value(cumulative_update_norm) OVER whole_context AS final_path_length,
-                       last_value(bias_update_norm) OVER whole_context AS final_bias_update_norm,
-                       last_value(delta_norm) OVER whole_context AS final_delta_norm,
-                       last_value(implicit_learning_rate) OVER whole_context AS final_implicit_learning_rate
-                FROM (
-                    SELECT generate_subscripts(layers.update_frobenius_norm, 1) - 1 AS token_idx,
-                           unnest(layers.update_frobenius_norm)::double precision AS update_frobenius_norm,
-                           unnest(layers.cumulative_update_norm)::double precision AS cumulative_update_norm,
-                           unnest(layers.bias_update_norm)::double precision AS bias_update_norm,
-                           unnest(layers.delta_norm)::double precision AS delta_norm,
-                           unnest(layers.implicit_learning_rate)::double precision AS implicit_learning_rate
-                ) AS value
-                WHERE update_frobenius_norm IS NOT NULL
-                WINDOW whole_context AS (ORDER BY token_idx ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
-            ) AS measured
-        ) AS bounds
-    ) AS stats
-    WHERE stats.measured_tokens > 0
+               max(value.token_idx) AS final_token_idx,
+               max(value.update_frobenius_norm)::double precision AS peak_update_norm
+        FROM (SELECT generate_subscripts(layers.update_frobenius_norm, 1) - 1 AS token_idx,
+                     unnest(layers.update_frobenius_norm) AS update_frobenius_norm) AS value
+        WHERE value.update_frobenius_norm IS NOT NULL
+    ) AS measured
+    CROSS JOIN LATERAL (
+        SELECT layers.update_frobenius_norm[measured.final_token_idx + 1]::double precision AS final_update_norm,
+               layers.cumulative_update_norm[measured.final_token_idx + 1]::double precision AS final_path_length,
+               layers.bias_update_norm[measured.final_token_idx + 1]::double precision AS final_bias_update_norm,
+               layers.delta_norm[measured.final_token_idx + 1]::double precision AS final_delta_norm,
+               layers.implicit_learning_rate[measured.final_token_idx + 1]::double precision
+                   AS final_implicit_learning_rate
+        OFFSET 0
+    ) AS final
+    CROSS JOIN LATERAL (
+        SELECT -- the last measured token at which the update norm was still away from its final value
+               max(value.token_idx) FILTER (
+                   WHERE abs(value.update_frobenius_norm - final.final_update_norm) > 0.1 * final.final_update_norm
+               ) AS last_unsettled_token_idx,
+               min(value.token_idx) FILTER (
+                   WHERE value.cumulative_update_norm >= (1 - 0.1) * final.final_path_length
+               ) AS path_saturation_token_idx
+        FROM (SELECT generate_subscripts(layers.update_frobenius_norm, 1) - 1 AS token_idx,
+                     unnest(layers.update_frobenius_norm)::double precision AS update_frobenius_norm,
+                     unnest(layers.cumulative_update_norm)::double precision AS cumulative_update_norm) AS value
+        WHERE value.update_frobenius_norm IS NOT NULL
+    ) AS settled
+    CROSS JOIN LATERAL (
+        SELECT min(value.token_idx) AS saturation_token_idx
+        FROM (SELECT generate_subscripts(layers.update_frobenius_norm, 1) - 1 AS token_idx,
+                     unnest(layers.update_frobenius_norm) AS update_frobenius_norm) AS value
+        WHERE value.update_frobenius_norm IS NOT NULL
+          AND value.token_idx > coalesce(settled.last_unsettled_token_idx, -1)
+    ) AS saturation
+    WHERE measured.measured_tokens > 0
 )
 SELECT per_layer.run_id,
        runs.model,
