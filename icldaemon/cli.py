@@ -1,5 +1,5 @@
-"""The command line: `icldaemon measure | migrate | db | run | submit | status | memories | runs | consolidate |
-adapters | generate | plot | roles`.
+"""The command line: `icldaemon measure | migrate | db | run | submit | status | memories | runs | query |
+consolidate | adapters | generate | plot | roles`.
 
 The only place errors become messages and exit codes.
 """
@@ -366,6 +366,47 @@ def cmd_runs(args, settings: Settings) -> int:
     return 0
 
 
+def _variable(text: str) -> tuple[str, str]:
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    return name, value
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def cmd_query(args, settings: Settings) -> int:
+    import csv
+
+    from icldaemon.store.analytics import analytics_queries, checked_query, run_analytics_query
+
+    if args.name is None:
+        for name, variables in analytics_queries().items():
+            print(f"{name}  {' '.join(f'-v {variable}=...' for variable in variables)}".rstrip())
+        return 0
+    values = dict(args.variables or [])
+    checked_query(args.name, values)  # before connecting: a wrong name or variable needs no database
+    result = _on_the_database(settings, run_analytics_query, args.name, values)
+    if args.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(result.columns)
+        writer.writerows([["" if value is None else value for value in row] for row in result.rows])
+        return 0
+    cells = [[_cell(value) for value in row] for row in result.rows]
+    widths = [max(len(column), *(len(row[index]) for row in cells)) for index, column in enumerate(result.columns)]
+    print("  ".join(column.ljust(width) for column, width in zip(result.columns, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    print(f"({len(cells)} row{'s' if len(cells) != 1 else ''})", file=sys.stderr)
+    return 0
+
+
 def cmd_consolidate(args, settings: Settings) -> int:
     from icldaemon.store.database import database_url
     from icldaemon.store.migrate import require_head
@@ -580,6 +621,17 @@ def build_parser() -> argparse.ArgumentParser:
     runs = commands.add_parser("runs", help="the newest measurement runs: ids for `icldaemon plot`, exactness, cost")
     runs.add_argument("--limit", type=_at_least_one, default=20, help="how many, newest first (default 20)")
     runs.set_defaults(handler=cmd_runs)
+
+    query = commands.add_parser(
+        "query", help="run a named analytics query of sql/ and print its rows (no name: list the queries)",
+        description="Run one of the analytics queries of sql/ (the same text psql runs with -f) with its variables "
+                    "bound, e.g. `icldaemon query saturation_by_layer -v model=SmolLM2-135M-Instruct -v "
+                    "since=2026-11-01`. Without a name, list the queries and the variables each needs.")
+    query.add_argument("name", nargs="?", help="the query's name (as in its file's `-- name: ... --` header)")
+    query.add_argument("-v", dest="variables", metavar="NAME=VALUE", type=_variable, action="append",
+                       help="a variable of the query, as psql's -v takes it (repeat for each)")
+    query.add_argument("--csv", action="store_true", help="CSV with a header row instead of a table")
+    query.set_defaults(handler=cmd_query)
 
     consolidate = commands.add_parser(
         "consolidate", help="fit the stored answer patches of memories (or sessions) into PEFT LoRA adapters")

@@ -3,6 +3,13 @@
 -- model with and without the memory in context, and the mean norm of the exact patch that removing it
 -- amounts to (all layers together), each ranked. The agreement is Spearman's rank correlation between
 -- the two over a model's memories: near 1, the patches that are large are the ones that matter.
+--
+-- Variables (psql -v NAME=VALUE; from Python or `icldaemon query`, parameters of the same names),
+-- and the whole file in psql ($URL: the database, e.g. the URL `icldaemon db` prints):
+--   model      the model's name as runs store it (`icldaemon runs` shows it), e.g. SmolLM2-135M-Instruct
+--   memory_id  a memory's id (`icldaemon memories list`)
+--
+--   psql "$URL" -v model=SmolLM2-135M-Instruct -v memory_id=1 -f sql/memory_impact.sql
 
 -- name: memories_by_impact --
 -- One model's memories, most behavioural effect first, with their patch norm, both ranks and the layer where their patch peaks.
@@ -19,7 +26,7 @@ SELECT ranking.memory_id,
        ranking.last_measured_at
 FROM icl_analytics.memory_ranking AS ranking
 LEFT JOIN memories ON memories.id = ranking.memory_id
-WHERE ranking.model = %(model)s
+WHERE ranking.model = :'model'
 ORDER BY ranking.kl_rank, ranking.memory_id;
 
 -- name: impact_agreement --
@@ -30,7 +37,7 @@ WITH ranked AS (
            rank() OVER (ORDER BY mean_total_update_norm)
                + (count(*) OVER (PARTITION BY mean_total_update_norm) - 1) / 2.0 AS update_norm_rank
     FROM icl_analytics.memory_ranking
-    WHERE model = %(model)s AND mean_kl IS NOT NULL AND mean_total_update_norm IS NOT NULL
+    WHERE model = :'model' AND mean_kl IS NOT NULL AND mean_total_update_norm IS NOT NULL
 )
 SELECT count(*) AS memories,
        corr(kl_rank, update_norm_rank) AS spearman_kl_vs_update_norm,
@@ -48,6 +55,6 @@ FROM memory_effects AS effects
 JOIN measurement_runs AS runs ON runs.id = effects.run_id
 CROSS JOIN LATERAL unnest(effects.update_frobenius_norm, effects.bias_update_norm)
      WITH ORDINALITY AS layer(update_norm, bias_update_norm, layer_number)
-WHERE effects.memory_id = %(memory_id)s AND runs.model = %(model)s
+WHERE effects.memory_id = :memory_id AND runs.model = :'model'
 GROUP BY layer.layer_number
 ORDER BY layer.layer_number;

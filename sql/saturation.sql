@@ -4,6 +4,14 @@
 -- of the marginal updates) has covered 90% of its total (path_saturation_*). As a fraction of the
 -- context: near 1, every token still teaches; near 0, the first few tokens taught all there was.
 -- Read from the view icl_analytics.run_layers (one row per run and layer).
+--
+-- Variables (psql -v NAME=VALUE; from Python or `icldaemon query`, parameters of the same names),
+-- and the whole file in psql ($URL: the database, e.g. the URL `icldaemon db` prints):
+--   model   the model's name as runs store it (`icldaemon runs` shows it), e.g. SmolLM2-135M-Instruct
+--   since   the earliest time counted, e.g. 2026-11-01 or '2026-11-01 12:00+00'
+--   run_id  a measurement run's id (`icldaemon runs` lists them)
+--
+--   psql "$URL" -v model=SmolLM2-135M-Instruct -v since=2026-11-01 -v run_id=1 -f sql/saturation.sql
 
 -- name: saturation_by_layer --
 -- Per layer, over one model's runs since a time: where the update norm and the path length saturate, as a share of the context.
@@ -15,7 +23,7 @@ SELECT layer_idx,
        avg(final_update_norm) AS mean_final_update_norm,
        avg(context_tokens) AS mean_context_tokens
 FROM icl_analytics.run_layers
-WHERE model = %(model)s AND created_at >= %(since)s
+WHERE model = :'model' AND created_at >= :'since'
 GROUP BY layer_idx
 ORDER BY layer_idx;
 
@@ -35,5 +43,5 @@ LEFT JOIN icl_dynamics_log AS saturation_token
        ON saturation_token.run_id = layers.run_id
       AND saturation_token.layer_idx = layers.layer_idx
       AND saturation_token.token_idx = layers.saturation_token_idx
-WHERE layers.run_id = %(run_id)s
+WHERE layers.run_id = :run_id
 ORDER BY layers.layer_idx;

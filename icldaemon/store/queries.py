@@ -8,6 +8,11 @@ Each query in a file starts with a header line and a one-line description (not s
 
 Values are always bound parameters (`%(name)s`). A query that needs an identifier (a partition's
 name) writes `{name}` and is composed with `psycopg.sql.SQL(...).format(name=psycopg.sql.Identifier(...))`.
+
+The analytics queries for people (the repository's `sql/`, shipped as `icldaemon/sql/analytics`) are
+written for psql instead, with psql variables (`:'model'` a quoted value, `:run_id` a bare one), so
+that `psql -v model=... -f sql/saturation.sql` runs them as written; `load_analytics_queries` turns
+them into the same bound parameters for Python.
 """
 
 import re
@@ -18,6 +23,16 @@ from icldaemon.exceptions import ConfigurationError
 
 SQL_PACKAGE = "icldaemon"
 SQL_DIRECTORY = "sql"
+ANALYTICS_DIRECTORY = "sql/analytics"  # a link to the repository's sql/
+
+# What psql itself skips when it substitutes variables: string literals, quoted identifiers, comments,
+# dollar quoting and the `::` cast; then its two variable forms. psycopg has no psql-variable syntax
+# and sqlparse's tokens do not tell `:'name'` apart, so this small scanner does what psql's lexer does.
+_PSQL_TOKEN = re.compile(
+    r"""(?P<literal>'(?:[^']|'')*'|"(?:[^"]|"")*"|--[^\n]*|/\*.*?\*/|(?P<dollar>\$\w*\$).*?(?P=dollar)|::)"""
+    r"""|:'(?P<quoted>[A-Za-z_]\w*)'|:(?P<bare>[A-Za-z_]\w*)|(?P<percent>%)""",
+    re.DOTALL,
+)
 
 _HEADER = re.compile(r"^--\s*name:\s*(?P<name>\S*)\s*--\s*$")
 _VALID_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -84,3 +99,30 @@ def load_queries(directory: Traversable | None = None) -> dict[str, str]:
             queries[name] = sql
             origin[name] = source
     return queries
+
+
+def psql_to_psycopg(sql: str) -> tuple[str, list[str]]:
+    """A query written with psql variables as one with psycopg's named parameters, and the names it binds.
+
+    `:'since'` and `:run_id` become `%(since)s` and `%(run_id)s`; a literal `%` becomes `%%`.
+    """
+    names: list[str] = []
+
+    def replace(match: re.Match) -> str:
+        if match["literal"] is not None:
+            return match["literal"].replace("%", "%%")
+        if match["percent"] is not None:
+            return "%%"
+        name = match["quoted"] or match["bare"]
+        if name not in names:
+            names.append(name)
+        return f"%({name})s"
+
+    return _PSQL_TOKEN.sub(replace, sql), names
+
+
+def load_analytics_queries(directory: Traversable | None = None) -> dict[str, tuple[str, list[str]]]:
+    """The analytics queries (default: the shipped copy of sql/), by name: (psycopg SQL, parameter names)."""
+    if directory is None:
+        directory = resources.files(SQL_PACKAGE).joinpath(ANALYTICS_DIRECTORY)
+    return {name: psql_to_psycopg(sql) for name, sql in load_queries(directory).items()}

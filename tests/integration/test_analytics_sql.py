@@ -1,7 +1,13 @@
 """The analytics views (schema icl_analytics) and the queries in sql/, on measured data, against plain Python."""
 
+import csv
 import datetime
+import decimal
+import io
 import math
+import os
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -11,7 +17,7 @@ import pytest
 from analytics_fixtures import STRIDED, database_from_template, load_tiny, populate
 from psycopg.rows import dict_row
 
-from icldaemon.store.queries import load_queries
+from icldaemon.store.queries import load_analytics_queries, parse_queries, psql_to_psycopg
 
 SQL_DIRECTORY = Path(__file__).resolve().parents[2] / "sql"
 SATURATION_TOLERANCE = 0.1  # share of the final value, as the view icl_analytics.run_layers defines it
@@ -25,9 +31,14 @@ def measured(pg_server_url, _template_database, tmp_path_factory):
         yield populate(url, tiny)
 
 
-def rows(url: str, query: str, parameters=None) -> list[dict]:
+def rows(url: str, sql: str, parameters=None) -> list[dict]:
     with psycopg.connect(url, row_factory=dict_row) as connection:
-        return connection.execute(query, parameters).fetchall()
+        return connection.execute(sql, parameters).fetchall()
+
+
+def query(name: str) -> str:
+    """An analytics query of sql/ as Python runs it (psql variables bound as parameters)."""
+    return load_analytics_queries(SQL_DIRECTORY)[name][0]
 
 
 def average_ranks(values: list[float]) -> list[float]:
@@ -91,7 +102,7 @@ def test_run_layers_saturation_and_shares_match_the_raw_log(measured):
 def test_saturation_by_layer_averages_the_runs_of_the_model(measured):
     expected = expected_run_layers(measured.url)
 
-    found = rows(measured.url, load_queries(SQL_DIRECTORY)["saturation_by_layer"],
+    found = rows(measured.url, query("saturation_by_layer"),
                  {"model": measured.model, "since": LONG_AGO})
 
     assert [row["layer_idx"] for row in found] == [0, 1]
@@ -119,7 +130,7 @@ def expected_memories(url: str) -> dict[int, dict]:
 def test_memories_by_impact_ranks_kl_and_patch_norm(measured):
     expected = expected_memories(measured.url)
 
-    found = rows(measured.url, load_queries(SQL_DIRECTORY)["memories_by_impact"], {"model": measured.model})
+    found = rows(measured.url, query("memories_by_impact"), {"model": measured.model})
 
     assert {row["memory_id"] for row in found} == set(measured.memory_ids.values()) == set(expected)
     assert [row["memory_id"] for row in found] == sorted(expected, key=lambda memory: -expected[memory]["mean_kl"])
@@ -139,7 +150,7 @@ def test_impact_agreement_is_spearmans_rank_correlation(measured):
     kl = [entry["mean_kl"] for entry in expected.values()]
     norm = [entry["mean_total_update_norm"] for entry in expected.values()]
 
-    (found,) = rows(measured.url, load_queries(SQL_DIRECTORY)["impact_agreement"], {"model": measured.model})
+    (found,) = rows(measured.url, query("impact_agreement"), {"model": measured.model})
 
     assert found["memories"] == len(expected) == 4
     assert found["spearman_kl_vs_update_norm"] == pytest.approx(np.corrcoef(average_ranks(kl), average_ranks(norm))[0, 1])
@@ -151,7 +162,7 @@ def test_memory_layers_splits_one_memorys_patches_by_layer(measured):
     effects = rows(measured.url, "SELECT update_frobenius_norm FROM memory_effects WHERE memory_id = %s", (memory_id,))
     per_layer = np.array([effect["update_frobenius_norm"] for effect in effects])  # [runs, num_layers]
 
-    found = rows(measured.url, load_queries(SQL_DIRECTORY)["memory_layers"],
+    found = rows(measured.url, query("memory_layers"),
                  {"memory_id": memory_id, "model": measured.model})
 
     assert [row["layer_idx"] for row in found] == [0, 1]
@@ -189,10 +200,8 @@ def test_session_summary_counts_prompts_runs_and_memories(measured):
 
 def test_exactness_by_day_and_least_exact_runs(measured):
     runs = rows(measured.url, "SELECT id, max_abs_logit_error, exactness_kl FROM measurement_runs")
-    queries = load_queries(SQL_DIRECTORY)
-
-    (day,) = rows(measured.url, queries["exactness_by_day"], {"since": LONG_AGO})
-    worst = rows(measured.url, queries["least_exact_runs"], {"since": LONG_AGO, "limit": 3})
+    (day,) = rows(measured.url, query("exactness_by_day"), {"since": LONG_AGO})
+    worst = rows(measured.url, query("least_exact_runs"), {"since": LONG_AGO, "limit": 3})
 
     assert day["runs"] == len(runs) == len(measured.prompt_ids)
     assert day["max_abs_logit_error"] == pytest.approx(max(run["max_abs_logit_error"] for run in runs))
@@ -230,12 +239,82 @@ def first_run(url: str) -> int:
 
 
 def test_every_query_in_sql_runs_and_finds_rows(measured):
-    queries = load_queries(SQL_DIRECTORY)
+    queries = load_analytics_queries(SQL_DIRECTORY)
     assert set(queries) == set(EXAMPLE_PARAMETERS), "a query in sql/ without example parameters here"
 
-    for name, query in queries.items():
-        found = rows(measured.url, query, EXAMPLE_PARAMETERS[name](measured))
+    for name, (sql, names) in queries.items():
+        parameters = EXAMPLE_PARAMETERS[name](measured)
+        assert set(names) == set(parameters), name
+        found = rows(measured.url, sql, parameters)
         assert found, name
+
+
+def _psql(url: str, variables: dict, *, file=None, text=None) -> subprocess.CompletedProcess:
+    options = [f"--variable={name}={value}" for name, value in variables.items()]
+    return subprocess.run(["psql", "--no-psqlrc", "--csv", "--variable=ON_ERROR_STOP=1", *options,
+                           f"--file={file or '-'}", url], input=text, capture_output=True, text=True, timeout=60)
+
+
+def _same(psql_cell: str, value) -> bool:
+    if value is None:
+        return psql_cell == ""
+    if isinstance(value, (int, float, decimal.Decimal)) and not isinstance(value, bool):
+        return math.isclose(float(psql_cell), float(value), rel_tol=1e-9, abs_tol=1e-12)
+    if isinstance(value, datetime.datetime):
+        return psql_cell.startswith(value.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S"))
+    return psql_cell == (str(value).lower() if isinstance(value, bool) else str(value))[: len(psql_cell)]
+
+
+def test_every_file_in_sql_runs_in_psql_as_written_and_answers_as_python_does(measured):
+    """psql -v ... -f sql/FILE runs every query of the file; each query's rows in psql are Python's rows."""
+    for path in sorted(SQL_DIRECTORY.glob("*.sql")):
+        queries = parse_queries(path.read_text(encoding="utf-8"), path.name)
+        variables = {}
+        for name in queries:
+            variables.update({key: (value.isoformat() if isinstance(value, datetime.datetime) else value)
+                              for key, value in EXAMPLE_PARAMETERS[name](measured).items()})
+        whole = _psql(measured.url, variables, file=path)
+        assert whole.returncode == 0 and not whole.stderr, f"{path.name}: {whole.stderr}"
+        for name, text in queries.items():
+            ran = _psql(measured.url, variables, text="SET TIME ZONE 'UTC';\n" + text)
+            assert ran.returncode == 0, f"{name}: {ran.stderr}"
+            header, *psql_rows = list(csv.reader(io.StringIO(ran.stdout.split("\n", 1)[1])))
+            expected = rows(measured.url, psql_to_psycopg(text)[0], EXAMPLE_PARAMETERS[name](measured))
+            assert header == list(expected[0]), name
+            assert len(psql_rows) == len(expected), name
+            for psql_row, python_row in zip(psql_rows, expected, strict=True):
+                for cell, (column, value) in zip(psql_row, python_row.items(), strict=True):
+                    assert _same(cell, value), f"{name}.{column}: psql {cell!r}, Python {value!r}"
+
+
+def test_icldaemon_query_prints_a_named_query(measured):
+    environment = {**os.environ, "ICLD_DATABASE_URL": measured.url}
+    command = [sys.executable, "-m", "icldaemon", "query"]
+    listing = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0, listing.stderr
+    assert "least_exact_runs  -v since=... -v limit=..." in listing.stdout.splitlines()
+
+    printed = subprocess.run([*command, "least_exact_runs", "-v", "since=2000-01-01", "-v", "limit=3", "--csv"],
+                             env=environment, capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0, printed.stderr
+    header, *found = list(csv.reader(io.StringIO(printed.stdout)))
+    expected = rows(measured.url, query("least_exact_runs"), {"since": LONG_AGO, "limit": 3})
+    assert header == list(expected[0]) and [int(row[0]) for row in found] == [row["run_id"] for row in expected]
+
+    table = subprocess.run([*command, "run_saturation", "-v", f"run_id={first_run(measured.url)}"],
+                           env=environment, capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr
+    layers = rows(measured.url, query("run_saturation"), {"run_id": first_run(measured.url)})
+    assert table.stdout.splitlines()[0].split() == list(layers[0])
+    assert len(table.stdout.splitlines()) == 1 + len(layers) and table.stderr == f"({len(layers)} rows)\n"
+
+    for arguments, message in ((["run_saturation"], "query run_saturation needs -v run_id=..."),
+                               (["run_saturation", "-v", "run_id=1", "-v", "model=x"], "has no variable model"),
+                               (["no_such_query"], "no analytics query 'no_such_query'"),
+                               (["run_saturation", "-v", "run_id=seven"], "invalid input syntax")):
+        failed = subprocess.run([*command, *arguments], env=environment, capture_output=True, text=True, timeout=120)
+        assert failed.returncode == 1 and failed.stdout == "", arguments
+        assert len(failed.stderr.splitlines()) == 1 and message in failed.stderr, failed.stderr
 
 
 def test_every_file_in_sql_says_what_question_it_answers():

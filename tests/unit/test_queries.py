@@ -1,7 +1,10 @@
+import re
+from pathlib import Path
+
 import pytest
 
 from icldaemon.exceptions import ConfigurationError
-from icldaemon.store.queries import load_queries, parse_queries
+from icldaemon.store.queries import load_analytics_queries, load_queries, parse_queries, psql_to_psycopg
 
 TWO_QUERIES = """\
 -- Queries for the tests.
@@ -61,3 +64,32 @@ def test_the_packaged_queries_load():
 
     assert "attach_icl_dynamics_log_partition" in queries
     assert all(sql and not sql.startswith("--") for sql in queries.values())
+
+
+def test_psql_variables_become_bound_parameters_and_nothing_else_does():
+    sql = ("SELECT ':x', \"col:y\", a::int, :'since'::timestamptz, 'it''s 10%', :run_id -- 5% :z\n"
+           "/* :w */ $body$ :v $body$ WHERE x LIKE 'a%' AND y = :'since' LIMIT :limit")
+    converted, names = psql_to_psycopg(sql)
+    assert names == ["since", "run_id", "limit"]
+    assert converted == ("SELECT ':x', \"col:y\", a::int, %(since)s::timestamptz, 'it''s 10%%', %(run_id)s -- 5%% :z\n"
+                         "/* :w */ $body$ :v $body$ WHERE x LIKE 'a%%' AND y = %(since)s LIMIT %(limit)s")
+
+
+def test_the_analytics_queries_ship_with_the_package_and_match_sql():
+    repository_sql = Path(__file__).resolve().parents[2] / "sql"
+    shipped = load_analytics_queries()
+    assert shipped == load_analytics_queries(repository_sql)
+    assert len(shipped) >= 10
+    for name, (sql, names) in shipped.items():
+        assert names, f"{name} binds no variable"
+        assert "%(" in sql and ":'" not in sql, name
+
+
+def test_every_analytics_file_lists_the_variables_its_queries_use():
+    for path in sorted((Path(__file__).resolve().parents[2] / "sql").glob("*.sql")):
+        text = path.read_text(encoding="utf-8")
+        opening = text.split("-- name:")[0]
+        used = {name for query in parse_queries(text, path.name).values() for name in psql_to_psycopg(query)[1]}
+        listed = set(re.findall(r"^--   (\w+)  ", opening, re.MULTILINE))
+        assert listed == used, path.name
+        assert f"-f sql/{path.name}" in opening, path.name
