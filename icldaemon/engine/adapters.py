@@ -5,9 +5,16 @@ This is the only module that names a family's modules. For every block the engin
 - the MLP module, whose input is the paper's A(C, x) (`a`),
 - the first dense layer(s) inside it (`z = W a`, `W = [W_gate; W_up]`),
 - the module whose output is added to the residual stream after the MLP (the MLP itself, or the norm
-  after it in Gemma); the block's output minus that module's output is the residual `m` that the
-  bias patch acts on. For parallel-residual blocks (GPT-NeoX) `m = h + Attn(h)` falls out the same way,
-  and the MLP input does not see the context at all.
+  after it in Gemma), and the factor it is multiplied by on the way (GraniteMoeHybrid's residual
+  multiplier); the block's output minus that product is the residual `m` that the bias patch acts on.
+  For parallel-residual blocks (GPT-NeoX) `m = h + Attn(h)` falls out the same way, and the MLP input
+  does not see the context at all,
+- in hybrid models, the Mamba2 (SSD) mixer that runs beside or instead of attention in a block, and the
+  factors after the down projection (Falcon-H1's down multiplier), which a change of the down
+  projection passes through.
+
+Recurrent families whose context layer has no exact all-prefixes form here are refused by name with
+the reason (`REFUSED`).
 """
 
 from dataclasses import dataclass
@@ -26,14 +33,55 @@ class ArchitectureAdapter:
     first_dense: tuple[str, ...]  # paths inside a block, in the order their outputs are concatenated
     mlp_output: str  # path inside a block of the module whose output joins the residual
     down_proj: str  # path inside a block of the MLP's last dense layer (the bias patch's home in an adapter)
-    attention_projections: tuple[str, ...]  # paths inside a block of the query/key/value projection(s)
+    # paths inside a block of the context layers' input projections (query/key/value, a mixer's in_proj):
+    # rows with the same layer input have the same projections. A path a block lacks is skipped (hybrids
+    # with attention in some blocks and a mixer in the others)
+    attention_projections: tuple[str, ...]
     parallel_residual: bool = False
+    mixer: str | None = None  # path inside a block of a Mamba2 (SSD) mixer; blocks without one are skipped
+    down_scale: str | None = None  # attribute path inside a block: the MLP's own factor after its down projection
+    mlp_output_scale: str | None = None  # attribute path inside a block: the factor on mlp_output before the residual
+    experts: str | None = None  # config attribute counting routed experts; more than 0 is refused
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return list(model.get_submodule(self.layers))
 
     def num_layers(self, model: nn.Module) -> int:
         return len(self.blocks(model))
+
+    def present(self, block: nn.Module, paths: tuple[str, ...]) -> list[nn.Module]:
+        """The modules at `paths` that this block has."""
+        modules = []
+        for path in paths:
+            try:
+                modules.append(block.get_submodule(path))
+            except AttributeError:
+                continue
+        return modules
+
+    def mixers(self, model: nn.Module) -> list[nn.Module]:
+        """Every block's Mamba2 mixer, where it has one."""
+        if self.mixer is None:
+            return []
+        return [mixer for block in self.blocks(model) for mixer in self.present(block, (self.mixer,))]
+
+    def mlp_output_factor(self, block: nn.Module) -> float:
+        """The factor between the output of `mlp_output` and what joins the residual."""
+        return _attribute(block, self.mlp_output_scale)
+
+    def down_projection_factor(self, block: nn.Module) -> float:
+        """The factor between the down projection's output and what joins the residual: a change D of the down
+        projection moves the residual by factor * D k."""
+        return _attribute(block, self.down_scale) * self.mlp_output_factor(block)
+
+
+def _attribute(block: nn.Module, path: str | None) -> float:
+    if path is None:
+        return 1.0
+    value = block
+    for name in path.split("."):
+        value = getattr(value, name)
+    return float(value)
 
 
 _LLAMA_LIKE = dict(
@@ -91,7 +139,73 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
         attention_projections=("attention.query_key_value",),
         parallel_residual=True,
     ),
+    # hybrids: attention and a Mamba2 mixer side by side in every block (Falcon-H1), or one of the two per
+    # block (Bamba, GraniteMoeHybrid); then a gated MLP
+    ArchitectureAdapter(
+        family="falcon_h1",
+        architectures=("FalconH1ForCausalLM",),
+        layers="model.layers",
+        mlp="feed_forward",
+        first_dense=("feed_forward.gate_proj", "feed_forward.up_proj"),
+        mlp_output="feed_forward",
+        down_proj="feed_forward.down_proj",
+        attention_projections=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mamba.in_proj"),
+        mixer="mamba",
+        down_scale="feed_forward.down_multiplier",
+    ),
+    ArchitectureAdapter(
+        family="bamba",
+        architectures=("BambaForCausalLM",),
+        layers="model.layers",
+        mlp="feed_forward",
+        first_dense=("feed_forward.gate_proj", "feed_forward.up_proj"),
+        mlp_output="feed_forward",
+        down_proj="feed_forward.down_proj",
+        attention_projections=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mamba.in_proj"),
+        mixer="mamba",
+    ),
+    ArchitectureAdapter(
+        family="granitemoehybrid",
+        architectures=("GraniteMoeHybridForCausalLM",),
+        layers="model.layers",
+        mlp="shared_mlp",
+        first_dense=("shared_mlp.input_linear",),  # gate and up, fused
+        mlp_output="shared_mlp",
+        down_proj="shared_mlp.output_linear",
+        attention_projections=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mamba.in_proj"),
+        mixer="mamba",
+        mlp_output_scale="residual_multiplier",
+        experts="num_local_experts",
+    ),
 )
+
+_GATED_DELTA = ("gated-delta-rule mixers: the state update subtracts the state's own read-out, so the context's "
+                "effect is no decayed attention over the context and has no exact all-prefixes form here")
+_NO_MLP = "a recurrent stack without an MLP: there is no first dense layer for the patch to live in"
+REFUSED: dict[str, str] = {
+    "JambaForCausalLM": "Jamba's Mamba1 mixers decay per channel, which has no scalar dual form: every prefix would "
+                        "need its own token-by-token replay",
+    "MambaForCausalLM": _NO_MLP,
+    "FalconMambaForCausalLM": _NO_MLP,
+    "Mamba2ForCausalLM": _NO_MLP,
+    "ZambaForCausalLM": "Zamba reuses one shared attention block across depths, with no residual around its MLP",
+    "Zamba2ForCausalLM": "Zamba2 reuses shared blocks with a per-call LoRA and no residual around their MLP: the "
+                         "patch's W differs per call",
+    "NemotronHForCausalLM": "NemotronH has one mixer, attention or MLP per block: the contextual block spans several "
+                            "blocks, which no adapter describes yet",
+    "Qwen3NextForCausalLM": _GATED_DELTA,
+    "Qwen3_5ForCausalLM": _GATED_DELTA,
+    "Qwen3_5MoeForCausalLM": _GATED_DELTA,
+    "Qwen4ExpForCausalLM": _GATED_DELTA,
+    "OlmoHybridForCausalLM": _GATED_DELTA,
+    "KimiLinearForCausalLM": _GATED_DELTA,
+    "Lfm2ForCausalLM": "short-convolution mixers: each prefix's convolution state would need its own replay",
+    "Lfm2MoeForCausalLM": "short-convolution mixers: each prefix's convolution state would need its own replay",
+    "MiniMaxForCausalLM": "lightning (linear) attention layers have no exact all-prefixes form here",
+    "RecurrentGemmaForCausalLM": "RG-LRU recurrences decay per channel: no scalar dual form",
+    "RwkvForCausalLM": "RWKV's recurrences decay per channel: no scalar dual form",
+    "xLSTMForCausalLM": "xLSTM's recurrences have no exact all-prefixes form here",
+}
 
 _BY_ARCHITECTURE = {name: adapter for adapter in ADAPTERS for name in adapter.architectures}
 SUPPORTED_ARCHITECTURES = tuple(sorted(_BY_ARCHITECTURE))
@@ -102,7 +216,15 @@ def adapter_for(model: nn.Module) -> ArchitectureAdapter:
     names = list(getattr(model.config, "architectures", None) or []) or [type(model).__name__]
     for name in names:
         if name in _BY_ARCHITECTURE:
-            return _BY_ARCHITECTURE[name]
+            adapter = _BY_ARCHITECTURE[name]
+            experts = getattr(model.config, adapter.experts, 0) if adapter.experts else 0
+            if experts:
+                raise UnsupportedArchitectureError(
+                    f"architecture {name} with {experts} routed experts is not supported: a router must be patched "
+                    "with its experts; only its dense form (no routed experts) is")
+            return adapter
+        if name in REFUSED:
+            raise UnsupportedArchitectureError(f"architecture {name} is not supported: {REFUSED[name]}")
     raise UnsupportedArchitectureError(
         f"architecture {', '.join(names)} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
     )

@@ -13,7 +13,8 @@ class Tap:
     """Callbacks run at every block; each may return a replacement tensor or None to keep it.
 
     `state` is the block's captures of the current forward pass: "a" (the MLP input), "z" (the first
-    dense layers' outputs, in the adapter's order) and "mlp_output" (what the MLP adds to the residual).
+    dense layers' outputs, in the adapter's order) and "mlp_output" (what the MLP adds to the residual,
+    after the adapter's `mlp_output_scale`).
     All tensors are [batch, seq, features].
     """
 
@@ -75,8 +76,8 @@ def _dense(tap: Tap, layer_idx: int, dense_idx: int, state: dict, module, args, 
     return replaced
 
 
-def _mlp_output(state: dict, module, args, output):
-    state["mlp_output"] = _first(output)
+def _mlp_output(state: dict, factor: float, module, args, output):
+    state["mlp_output"] = _first(output) if factor == 1.0 else _first(output) * factor
 
 
 def _block_post(tap: Tap, layer_idx: int, state: dict, module, args, kwargs, output):
@@ -135,9 +136,9 @@ def tapped(model: nn.Module, adapter: ArchitectureAdapter, tap: Tap):
                 handles.append(
                     block.get_submodule(path).register_forward_hook(partial(_dense, tap, layer_idx, dense_idx, state))
                 )
-            handles.append(block.get_submodule(adapter.mlp_output).register_forward_hook(partial(_mlp_output, state)))
-            for path in adapter.attention_projections:
-                projection = block.get_submodule(path)
+            handles.append(block.get_submodule(adapter.mlp_output).register_forward_hook(
+                partial(_mlp_output, state, adapter.mlp_output_factor(block))))
+            for projection in adapter.present(block, adapter.attention_projections):
                 handles.append(projection.register_forward_pre_hook(partial(_projection_pre, tap)))
                 handles.append(projection.register_forward_hook(partial(_projection_post, tap)))
             down = block.get_submodule(adapter.down_proj)

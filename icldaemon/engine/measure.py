@@ -13,6 +13,10 @@ the check) and plain (the behavioural effect).
 Every run is one a prompt could be: positions are consecutive. The full copy of prefix i sits at
 `anchor + i + k` (the query right after c_i), the hybrid copies at `anchor + k` (the query right after
 the anchor); C without Y is the prompt with Y's tokens taken out and the rest closed up.
+
+Hybrid models (attention and a Mamba2 mixer, docs/method.md §8) run the same passes with their mixers
+in the dual form (state_space.py): the full pass and each ablation's prefill record what the mixers'
+copies need, and every copy reads its own prompt off the same 4D mask as attention.
 """
 
 import math
@@ -28,6 +32,7 @@ from icldaemon.engine.attention import RowBlock, blocked_attention
 from icldaemon.engine.hooks import Tap, tapped
 from icldaemon.engine.prompt import SegmentedPrompt
 from icldaemon.engine.result import DYNAMICS_NAMES, Ablation, Measurement, SegmentAttribution, TokenInfo
+from icldaemon.engine.state_space import dual_form
 from icldaemon.exceptions import BadInputError, NumericalError
 
 CHUNK_COPIES = 256  # prefixes per chunk of copies; bounds the extra memory of the copies
@@ -71,10 +76,16 @@ def _additive_mask(tokens: list[_NewToken], cache_length: int, window: int | Non
 
 
 def _attention_mask(model: PreTrainedModel, tokens: list[_NewToken], cache_length: int):
-    """A custom 4D mask; a mapping per attention type where the model mixes full and sliding layers."""
+    """A custom 4D mask; a mapping per attention type where the model mixes full and sliding layers.
+
+    Hybrid models get the full mask as their "linear_attention" mask too: their mixers read each copy's
+    sequence off it (state_space.py).
+    """
     dtype, device, config = model.dtype, model.device, model.config
     full = _additive_mask(tokens, cache_length, None, dtype, device)
     layer_types = getattr(config, "layer_types", None)
+    if adapter_for(model).mixer is not None:
+        return {"full_attention": full, "linear_attention": full}
     if layer_types:
         masks = {"full_attention": full}
         if "sliding_attention" in layer_types:
@@ -85,7 +96,8 @@ def _attention_mask(model: PreTrainedModel, tokens: list[_NewToken], cache_lengt
 
 
 def _crop(cache: DynamicCache, length: int) -> None:
-    surplus = cache.get_seq_length() - length
+    # the longest layer: in hybrids with attention in some blocks only, the first layers hold nothing
+    surplus = max((layer.get_seq_length() for layer in cache.layers), default=0) - length
     if surplus > 0:
         cache.crop(-surplus)
 
@@ -389,7 +401,7 @@ def time_plain_forward(model: PreTrainedModel, input_ids: list[int], repeats: in
     for _ in range(repeats):
         _synchronize(model.device)
         started = time.perf_counter()
-        model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
         _synchronize(model.device)
         timings.append(time.perf_counter() - started)
     return min(timings)
@@ -438,27 +450,28 @@ def measure(
     if warm_up:
         time_plain_forward(model, prompt.input_ids, 1)
     started = time.perf_counter()
-    full = _RecordQuery()
-    cache = DynamicCache()
-    with tapped(model, adapter, full):
-        full.logits = _forward(model, ids, torch.arange(len(ids), device=device), cache)[-1]
-    _check_finite("the logits", full.logits)
-    recorded_forward_s = time.perf_counter() - started
-    full_log_probs = torch.log_softmax(full.logits, dim=-1)
+    with dual_form(model, adapter):  # hybrids: every pass's Mamba2 mixers in the dual form (torch only)
+        full = _RecordQuery()
+        cache = DynamicCache()
+        with tapped(model, adapter, full):
+            full.logits = _forward(model, ids, torch.arange(len(ids), device=device), cache)[-1]
+        _check_finite("the logits", full.logits)
+        recorded_forward_s = time.perf_counter() - started
+        full_log_probs = torch.log_softmax(full.logits, dim=-1)
 
-    _crop(cache, prompt.query_position)
-    dynamics = _prefix_dynamics(model, adapter, prompt, cache, prefixes, chunk_copies)
-    del cache
-    dynamics_s = time.perf_counter() - started - recorded_forward_s
+        _crop(cache, prompt.query_position)
+        dynamics = _prefix_dynamics(model, adapter, prompt, cache, prefixes, chunk_copies)
+        del cache
+        dynamics_s = time.perf_counter() - started - recorded_forward_s
 
-    context = _ablate(model, adapter, prompt, full, full_log_probs, (prompt.anchor_tokens, prompt.query_position))
-    segments = []
-    if attribute_segments:
-        for segment in prompt.labelled_segments:
-            ablation = _ablate(model, adapter, prompt, full, full_log_probs, (segment.start, segment.end))
-            segments.append(SegmentAttribution(
-                segment.label, segment.kind, segment.start, segment.end, segment.memory_id, segment.key, ablation
-            ))
+        context = _ablate(model, adapter, prompt, full, full_log_probs, (prompt.anchor_tokens, prompt.query_position))
+        segments = []
+        if attribute_segments:
+            for segment in prompt.labelled_segments:
+                ablation = _ablate(model, adapter, prompt, full, full_log_probs, (segment.start, segment.end))
+                segments.append(SegmentAttribution(
+                    segment.label, segment.kind, segment.start, segment.end, segment.memory_id, segment.key, ablation
+                ))
     measure_s = time.perf_counter() - started
     plain_forward_s = time_plain_forward(model, prompt.input_ids, plain_forward_repeats)
 

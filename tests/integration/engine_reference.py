@@ -39,8 +39,8 @@ def run_recording(model, ids: list[int], overwrite: list[torch.Tensor] | None = 
         def after_dense(module, args, output, seen=seen):
             seen.setdefault("z", []).append(output[0, -1].clone())
 
-        def after_mlp_output(module, args, output, seen=seen):
-            seen["mlp_output"] = (output[0] if isinstance(output, tuple) else output)[0, -1].clone()
+        def after_mlp_output(module, args, output, seen=seen, factor=adapter.mlp_output_factor(block)):
+            seen["mlp_output"] = factor * (output[0] if isinstance(output, tuple) else output)[0, -1].clone()
 
         def after_block(module, args, output, seen=seen):
             output = output[0] if isinstance(output, tuple) else output
@@ -56,7 +56,7 @@ def run_recording(model, ids: list[int], overwrite: list[torch.Tensor] | None = 
         handles.append(block.register_forward_hook(after_block))
     try:
         with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0, -1].double()
+            logits = model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1].double()
     finally:
         for handle in handles:
             handle.remove()
