@@ -8,9 +8,11 @@ of `C \\ Y + y` has every answer position's layer inputs overwritten from the fu
 in the down projection's space:
 
     key_t^l   = the down projection's input in the hybrid run (act(gate a~) * up a~)
-    value_t^l = the layer's output in the full run minus the hybrid's = MLP(a) - MLP(a~) + db
+    value_t^l = (the layer's output in the full run minus the hybrid's) / s = (MLP(a) - MLP(a~) + db) / s
 
-so that `dD = value key^T / ||key||^2` added to the down projection at t reproduces the full run. The
+with `s` the factor between the down projection's output and the residual (1, or Falcon-H1's down
+multiplier, GraniteMoeHybrid's residual multiplier), so that `dD = value key^T / ||key||^2` added to
+the down projection at t reproduces the full run. The
 check runs `C \\ Y + y` with those rank-1 down-projection patches and nothing overwritten, and compares
 the log-probabilities at every answer position with the full run's.
 
@@ -118,7 +120,9 @@ class AnswerPatch:
 
     answer_ids: list[int]
     key: np.ndarray  # [num_layers, T, d_ff]  the down projection's input without the memory (hybrid)
-    value: np.ndarray  # [num_layers, T, d_model]  the layer output with the memory minus the hybrid's
+    # [num_layers, T, d_model]  what the down projection must add: the layer output with the memory minus the
+    # hybrid's, divided by the factor after the down projection (ArchitectureAdapter.down_projection_factor)
+    value: np.ndarray
     a_tilde: np.ndarray  # [num_layers, T, d_model]  the MLP input without the memory (the key's source)
     max_abs_log_prob_error: float  # the patched run without the memory against the full run
 
@@ -207,7 +211,9 @@ def answer_patch(model: PreTrainedModel, with_ids: Sequence[int], without_ids: S
     hybrid = _Hybrid(full, ablated_positions)
     with tapped(model, adapter, hybrid):
         model(input_ids=torch.tensor([ablated_ids], device=device))
-    value = {layer_idx: full.hidden_out[layer_idx] - hybrid.hidden_out[layer_idx] for layer_idx in full.hidden_out}
+    factors = [adapter.down_projection_factor(block) for block in adapter.blocks(model)]
+    value = {layer_idx: (full.hidden_out[layer_idx] - hybrid.hidden_out[layer_idx]) / factors[layer_idx]
+             for layer_idx in full.hidden_out}
     with tapped(model, adapter, _RankOnePerPosition(hybrid.key, value, ablated_positions)):
         patched_log_probs = _log_probs_at(model, ablated_ids, ablated_positions)
     layers = range(adapter.num_layers(model))

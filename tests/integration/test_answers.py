@@ -10,7 +10,7 @@ from icldaemon.engine import answers
 from icldaemon.engine.adapters import adapter_for
 from icldaemon.exceptions import UnsupportedArchitectureError
 
-FAMILIES = ["llama", "qwen2", "phi3", "gpt2", "gpt_neox"]
+FAMILIES = ["llama", "qwen2", "phi3", "gpt2", "gpt_neox", "falcon_h1", "granitemoehybrid"]
 
 
 def prompts(seed: int = 3, answer_tokens: int = 5):
@@ -30,14 +30,18 @@ def test_a_one_token_answer_patch_is_the_exact_patch_at_the_query(family):
     own, _ = run_recording(model, without_ids)
     # from the second layer on: the first layer sees the query's own embedding (its own position)
     hybrid, _ = run_recording(model, without_ids, overwrite=[own["h"][0], *full["h"][1:]])
-    blocks = adapter_for(model).blocks(model)
-    mlp = adapter_for(model).mlp
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
     for layer_idx in range(len(blocks) - 1):
         a_tilde = hybrid["a"][layer_idx]
         np.testing.assert_allclose(patch.a_tilde[layer_idx, 0], a_tilde.numpy(), rtol=1e-5, atol=1e-6)
         with torch.no_grad():
-            mlp_output = blocks[layer_idx].get_submodule(mlp)(a_tilde[None, None])[0, 0]
-        expected = full["h"][layer_idx + 1] - (hybrid["m"][layer_idx] + mlp_output)
+            mlp_output = blocks[layer_idx].get_submodule(adapter.mlp)(a_tilde[None, None])[0, 0]
+        # what joins the residual after the MLP module: its output times the block's own factor (GraniteMoeHybrid)
+        mlp_output = mlp_output * adapter.mlp_output_factor(blocks[layer_idx])
+        # the value is what the down projection must add: the residual's change over the factors after it
+        expected = (full["h"][layer_idx + 1] - (hybrid["m"][layer_idx] + mlp_output)) / adapter.down_projection_factor(
+            blocks[layer_idx])
         np.testing.assert_allclose(patch.value[layer_idx, 0], expected.numpy(), rtol=1e-4, atol=1e-5)
     assert patch.max_abs_log_prob_error < 1e-5
 
@@ -124,7 +128,7 @@ def test_preservation_keeps_generic_inputs_nearly_unchanged():
     assert moved(kept) < 0.2 * moved(free)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "falcon_h1"])
 def test_the_exported_adapter_loads_in_peft_as_a_plain_down_projection_lora(family, tmp_path):
     from peft import PeftModel
 
@@ -143,6 +147,9 @@ def test_the_exported_adapter_loads_in_peft_as_a_plain_down_projection_lora(fami
     peft_model = PeftModel.from_pretrained(tiny_model(family), str(tmp_path / "adapter")).eval()
     config = peft_model.peft_config["default"]
     assert not config.lora_bias and set(config.target_modules) == set(answers.down_projection_names(model))
+    loaded_again = peft_model.load_adapter(str(tmp_path / "adapter"), adapter_name="again")
+    assert loaded_again.missing_keys == [] and loaded_again.unexpected_keys == []
+    peft_model.delete_adapter("again")
     with torch.no_grad():
         loaded = peft_model(ids).logits
         merged = peft_model.merge_and_unload()(ids).logits
