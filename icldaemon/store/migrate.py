@@ -6,21 +6,29 @@ migrate its database wherever it is installed. Locating them relative to this fi
 from a source checkout, an editable install and a wheel.
 """
 
+import zlib
 from collections.abc import Callable
 from pathlib import Path
+
+import psycopg
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 from icldaemon.exceptions import DatabaseError
 from icldaemon.store.database import create_unpooled_engine_for, describe_url, translate_errors
 from icldaemon.store.partitions import is_partition
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# The advisory lock every migration holds for its transaction: daemons that start together migrate one
+# after the other, and the later ones find the schema at head and change nothing.
+MIGRATION_LOCK = zlib.crc32(b"icldaemon schema migration")
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -44,16 +52,30 @@ def head() -> str:
     return revision
 
 
+def _insufficient_privilege(exc: BaseException) -> bool:
+    original = exc.orig if isinstance(exc, DBAPIError) else exc
+    return isinstance(original, (psycopg.errors.InsufficientPrivilege, psycopg.errors.ReadOnlySqlTransaction))
+
+
 def _run(url: str, action: str, alembic_command: Callable[[Config], None]) -> None:
     # One transaction for the whole command: PostgreSQL's DDL is transactional, so a failed
     # migration leaves the schema as it was.
     engine = create_unpooled_engine_for(url)
     try:
-        with translate_errors(url, action), engine.begin() as connection:
-            try:
-                alembic_command(alembic_config(connection))
-            except CommandError as exc:
-                raise DatabaseError(f"{action} failed on {describe_url(url)}: {exc}") from exc
+        try:
+            with translate_errors(url, action), engine.begin() as connection:
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+                try:
+                    alembic_command(alembic_config(connection))
+                except CommandError as exc:
+                    raise DatabaseError(f"{action} failed on {describe_url(url)}: {exc}") from exc
+        except DatabaseError as exc:
+            if exc.__cause__ is None or not _insufficient_privilege(exc.__cause__):
+                raise
+            raise DatabaseError(
+                f"{action} failed: the {describe_url(url)} is at schema revision {current(url) or 'none'}, and "
+                f"this role may not change the schema: run `icldaemon migrate` as the schema's owner"
+            ) from exc
     finally:
         engine.dispose()
 
