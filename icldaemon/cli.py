@@ -189,10 +189,12 @@ def cmd_run(args, settings: Settings) -> int:
 
         from icldaemon.consolidate import ConsolidationSettings
         from icldaemon.daemon import DaemonSettings, Worker
-        from icldaemon.engine.loading import load_model
+        from icldaemon.engine.loading import check_measurable, load_model
 
         loaded = load_model(settings.model, models_dir=settings.models_dir, device=settings.device,
                             dtype=settings.dtype)
+        # before any prompt is claimed: a model the engine cannot measure must not fail the queue's jobs
+        get_logger().info("model_checked", model=loaded.name, max_abs_logit_error=check_measurable(loaded))
         processed: list[int] = []  # with --once: the prompts this worker measured or failed, for their run ids
         worker = Worker.from_settings(url, loaded, DaemonSettings(), worker_id=args.worker_id, stride=args.stride,
                                       consolidation=ConsolidationSettings(), adapters_dir=settings.adapters_dir,

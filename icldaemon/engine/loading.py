@@ -149,3 +149,33 @@ def load_model(
     )
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=model.device, dtype=torch_dtype,
                        revision=weights_fingerprint(model))
+
+
+SELF_CHECK_CONTEXT_TOKENS = 3  # context tokens of the measurement a daemon runs before it claims any prompt
+
+
+def check_measurable(loaded: LoadedModel) -> float:
+    """Measure a prompt of a few tokens, as every job will be measured; returns its largest logit error.
+
+    A model whose family the engine does not support, whose forward pass fails or whose patch is not
+    exact raises here, before a daemon claims a prompt it cannot measure; the pass also warms the model
+    up, so that the first job's timings are not those of a cold process.
+    """
+    from icldaemon.engine.measure import measure
+    from icldaemon.engine.prompt import Segment, SegmentedPrompt
+
+    vocabulary = loaded.model.get_input_embeddings().num_embeddings
+    special = set(loaded.tokenizer.all_special_ids)
+    ordinary = [token for token in range(vocabulary) if token not in special][: SELF_CHECK_CONTEXT_TOKENS + 2]
+    if len(ordinary) < SELF_CHECK_CONTEXT_TOKENS + 2:
+        raise ModelLoadError(f"model {loaded.name!r} has a vocabulary of {vocabulary} tokens; a measurement needs "
+                             f"{SELF_CHECK_CONTEXT_TOKENS + 2}")
+    ids = ordinary[: SELF_CHECK_CONTEXT_TOKENS + 2]
+    prompt = SegmentedPrompt(ids, [Segment("anchor", "anchor", 0, 1),
+                                   Segment("context", "context", 1, len(ids) - 1),
+                                   Segment("query", "query", len(ids) - 1, len(ids))])
+    try:
+        measurement = measure(loaded.model, prompt, attribute_segments=False, plain_forward_repeats=0)
+    except (RuntimeError, ValueError, TypeError) as exc:  # a forward pass that fails inside torch or transformers
+        raise ModelLoadError(f"model {loaded.name!r} loads but a forward pass fails: {exc}") from exc
+    return measurement.context_ablation.max_abs_logit_error
