@@ -65,11 +65,14 @@ def blocked_attention(model, plan: list[RowBlock]):
     if not supports_blocked_attention(model):
         yield
         return
+    # The config's attribute rather than model.set_attn_implementation: that re-checks the model's support
+    # and recurses into sub-models on every call, for a swap that lasts one chunk. Restored as it was.
     config = model.config
+    previous = config._attn_implementation
     token = _PLAN.set(plan)
     config._attn_implementation = BLOCKED_ATTENTION
     try:
         yield
     finally:
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = previous
         _PLAN.reset(token)
