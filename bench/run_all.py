@@ -1,10 +1,12 @@
 """Every benchmark in one run, side by side on one machine, and one table of what they measured.
 
-    .venv/bin/python bench/run_all.py [--quick] [--skip engine,writer,end-to-end,consolidation]
+    .venv/bin/python bench/run_all.py [--quick] [--skip engine,writer,storage,end-to-end,consolidation]
 
 The engine against one plain forward pass, the naive loop and the original brief's method
 (bench_engine.py); the writer's binary COPY against executemany and psql's \\copy (bench_writer.py);
-what the database and the queue add to the engine's time (bench_end_to_end.py); consolidation
+the log's bytes per (layer, token), its query times and the service's ceiling with an instant engine,
+each beside schema revision 0006's layout (bench_storage.py); what the database and the queue add to
+the engine's time (bench_end_to_end.py); consolidation
 measured like model edits, beside context distillation (bench_consolidation.py, when present). Each
 section prints its own report as it finishes; the summary comes last, headed by the machine: CPU,
 cores, memory, torch, and the load average before and after, since timings taken while other work
@@ -18,6 +20,7 @@ import argparse
 import importlib
 import os
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -25,21 +28,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SECTIONS = ("engine", "writer", "end-to-end", "consolidation")
+SECTIONS = ("engine", "writer", "storage", "end-to-end", "consolidation")
 QUICK = {
     "engine": {"tokens": (120, 512)},
-    "writer": {"layers": 30, "tokens": 1000, "executemany_rows": 5000, "repeat": 1},
+    "writer": {"layers": 30, "tokens": 1000, "repeat": 1},
+    "storage": {"runs": 50, "tokens": 2048, "real_prompts": 1, "repeat": 1, "aggregate_repeat": 1,
+                "ceiling_prompts": 30},
     "end-to-end": {"rounds": 1},
     "consolidation": {"facts": 2, "distil_facts": 1, "distil_steps": 20},
 }
 FULL = {
     "engine": {"tokens": (120, 512, 2048), "long": True},
-    "writer": {"layers": 30, "tokens": 4000, "executemany_rows": 30_000, "repeat": 3},
+    "writer": {"layers": 30, "tokens": 4000, "repeat": 3},
+    "storage": {"runs": 2000, "tokens": 2048, "real_prompts": 2, "repeat": 3, "aggregate_repeat": 1,
+                "ceiling_prompts": 200},
     "end-to-end": {"rounds": 2},
     "consolidation": {"distil_facts": 3},
 }
-MODULES = {"engine": "bench_engine", "writer": "bench_writer", "end-to-end": "bench_end_to_end",
-           "consolidation": "bench_consolidation"}
+MODULES = {"engine": "bench_engine", "writer": "bench_writer", "storage": "bench_storage",
+           "end-to-end": "bench_end_to_end", "consolidation": "bench_consolidation"}
 NOT_AVAILABLE = "not available"
 
 
@@ -114,13 +121,18 @@ def summary_rows(results: dict[str, dict | None], reasons: dict[str, str]) -> li
         missing("writer", "writer COPY vs executemany vs psql")
     else:
         rates = writer["rows_per_second"]
-        rows.append(("writer binary COPY, rows/s", f"{rates['copy']:,.0f}",
-                     f"{writer['rows']:,} rows into icl_dynamics_log"))
+        rows.append(("writer binary COPY, (layer, token) values/s", f"{rates['copy']:,.0f}",
+                     f"{writer['rows']:,} values as float32 arrays into icl_dynamics_layers"))
         rows.append(("COPY / executemany", f"{rates['copy'] / rates['executemany']:.1f}x",
-                     f"executemany {rates['executemany']:,.0f} rows/s"))
+                     f"executemany {rates['executemany']:,.0f} values/s"))
         psql = rates["psql \\copy"]
         rows.append(("COPY / psql \\copy of a CSV", f"{rates['copy'] / psql:.2f}x",
-                     f"psql {psql:,.0f} rows/s, process start included"))
+                     f"psql {psql:,.0f} values/s, process start included"))
+    storage = results.get("storage")
+    if storage is None:
+        missing("storage", "log bytes, query times, service ceiling")
+    else:
+        rows.extend(storage_rows(storage))
     end_to_end = results.get("end-to-end")
     if end_to_end is None:
         missing("end-to-end", "service / engine alone")
@@ -146,6 +158,38 @@ def summary_rows(results: dict[str, dict | None], reasons: dict[str, str]) -> li
             rows.append(("context distillation time / ours", f"{distilled['seconds'] / distilled['ours_seconds']:.1f}x",
                          f"answers {distilled['adapter_rate']:.0%} vs ours {distilled['ours_adapter_rate']:.0%}, neutral "
                          f"KL {distilled['neutral_kl']:.4f} vs {distilled['ours_neutral_kl']:.4f}"))
+    return rows
+
+
+def storage_rows(storage: dict) -> list[tuple[str, str, str]]:
+    """The log's bytes before and after, the service's ceiling beside the engine, the query-speed ratios."""
+    rows = []
+    measured = storage["bytes"]
+    for label, what in (("long", "long prompts"), ("demo", "demo prompts")):
+        part = measured[label]
+        old, new = part["old_bytes"] / part["values"], part["new_bytes"] / part["values"]
+        tokens = part["context_tokens"]
+        rows.append((f"log bytes per (layer, token), {what}", f"{old:.0f} -> {new:.1f}",
+                     f"revision 0006 -> today, {old / new:.1f}x smaller; {part['prompts']} real runs of "
+                     f"{min(tokens):,}-{max(tokens):,} context tokens, indexes and TOAST included"))
+    ceiling = storage["ceiling"]
+    engine_seconds = statistics.median(measured["engine_seconds"])
+    layers = ceiling["num_layers"]
+    engine_values = layers * statistics.median(measured["engine_context_tokens"])
+    rows.append(("service ceiling, instant engine, values/s", f"{ceiling['values_per_second']:,.0f}",
+                 f"{ceiling['prompts_per_second']:.1f} prompts/s of {ceiling['tokens']:,} tokens x {layers} layers; "
+                 f"writer busy {ceiling['writer_busy']:.0%}; revision 0006's writer alone "
+                 f"{ceiling['legacy_writer_alone']:,.0f}"))
+    rows.append(("engine alone on this CPU, values/s", f"{engine_values / engine_seconds:,.0f}",
+                 f"{engine_seconds:.1f} s per {ceiling['tokens']:,}-token prompt; an engine under "
+                 f"{1000 / ceiling['prompts_per_second']:.0f} ms per prompt would wait for the service"))
+    timings = storage["queries"]["queries"]
+    for kinds, what in ((("run", "session"), "one run or session"), (("all",), "every run")):
+        chosen = [t for t in timings if t["kind"] in kinds]
+        ratios = sorted(t["new_s"] / t["old_s"] for t in chosen)
+        rows.append((f"query time today / 0006, {what}", f"{statistics.median(ratios):.2f}x",
+                     f"median of {len(chosen)} panels and queries on {storage['queries']['runs']:,} runs; "
+                     f"worst {ratios[-1]:.2f}x, best {ratios[0]:.2f}x"))
     return rows
 
 

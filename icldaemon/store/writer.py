@@ -47,6 +47,7 @@ _NULL = -1
 _FLOAT4_OID, _INT4_OID, _INT8_OID, _TEXT_OID = 700, 23, 20, 25
 _ARRAY_HEADER = struct.Struct(">iiiiii")  # field length, dimensions, has NULLs, element OID, length, lower bound
 _EMPTY_ARRAY = struct.Struct(">iiii")  # field length, no dimensions, no NULLs, element OID
+_LENGTH = struct.Struct(">i")
 _FLOAT4_ELEMENTS = np.dtype([("length", ">i4"), ("value", ">f4")])
 _INT4_ELEMENTS = np.dtype([("length", ">i4"), ("value", ">i4")])
 _INT8_ELEMENTS = np.dtype([("length", ">i4"), ("value", ">i8")])
@@ -132,38 +133,59 @@ def _fixed_width_array(elements: np.ndarray, missing: np.ndarray, element_oid: i
     return _ARRAY_HEADER.pack(20 + len(body), 1, 1, element_oid, count, 1) + body
 
 
+def _utf8(text: str) -> bytes:
+    if "\x00" not in text:
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            pass
+    return clean_text(text).encode("utf-8")
+
+
 def _text_array(texts: list[str | None]) -> bytes:
     if not texts:
         return _EMPTY_ARRAY.pack(12, 0, 0, _TEXT_OID)
+    pack_length = _LENGTH.pack
+    null = pack_length(_NULL)
     parts = []
-    has_null = 0
     for text in texts:
         if text is None:
-            parts.append(struct.pack(">i", _NULL))
-            has_null = 1
+            parts.append(null)
         else:
-            data = clean_text(text).encode("utf-8")
-            parts.append(struct.pack(">i", len(data)))
+            data = _utf8(text)
+            parts.append(pack_length(len(data)))
             parts.append(data)
     body = b"".join(parts)
+    has_null = int(any(text is None for text in texts))
     return _ARRAY_HEADER.pack(20 + len(body), 1, has_null, _TEXT_OID, len(texts), 1) + body
 
 
 def layer_rows(dynamics: Mapping[str, np.ndarray]) -> list[bytes]:
     """Per layer, the binary COPY fields of its icl_dynamics_layers row after the run id: layer_idx, then
     each quantity as a float32 array over the context tokens, NaN (a skipped prefix) as NULL."""
-    values = np.stack([np.asarray(dynamics[name], dtype=np.float32) for name in DYNAMICS_NAMES])
-    _, num_layers, num_tokens = values.shape  # [quantity, layer, token]
-    elements = np.empty(values.shape, dtype=_FLOAT4_ELEMENTS)
-    elements["length"] = 4
-    elements["value"] = values
+    values = np.stack([np.asarray(dynamics[name], dtype=np.float32) for name in DYNAMICS_NAMES], axis=1)
+    num_layers, num_quantities, num_tokens = values.shape  # [layer, quantity, token]
     missing = np.isnan(values)
+    # A layer without NULLs is fixed-width: its fields as one block of big-endian words, filled at once.
+    words = np.empty((num_layers, 2 + num_quantities * (6 + 2 * num_tokens)), dtype=">i4")
+    words[:, 0] = 4
+    words[:, 1] = np.arange(num_layers)
+    arrays = words[:, 2:].reshape(num_layers, num_quantities, 6 + 2 * num_tokens)
+    arrays[:, :, :6] = (20 + 8 * num_tokens, 1, 0, _FLOAT4_OID, num_tokens, 1)
+    elements = arrays[:, :, 6:].reshape(num_layers, num_quantities, num_tokens, 2)
+    elements[..., 0] = 4
+    elements[..., 1] = values.astype(">f4").view(">i4")
     rows = []
     for layer_idx in range(num_layers):
+        if num_tokens and not missing[layer_idx].any():
+            rows.append(words[layer_idx].tobytes())
+            continue
         fields = [struct.pack(">ii", 4, layer_idx)]
-        for quantity in range(len(DYNAMICS_NAMES)):
-            fields.append(_fixed_width_array(elements[quantity, layer_idx], missing[quantity, layer_idx],
-                                             _FLOAT4_OID))
+        for quantity in range(num_quantities):
+            layer_elements = np.empty(num_tokens, dtype=_FLOAT4_ELEMENTS)
+            layer_elements["length"] = 4
+            layer_elements["value"] = values[layer_idx, quantity]
+            fields.append(_fixed_width_array(layer_elements, missing[layer_idx, quantity], _FLOAT4_OID))
         rows.append(b"".join(fields))
     return rows
 
