@@ -193,22 +193,25 @@ def wait_until(condition, timeout: float = 10.0) -> None:
 
 
 class TimedWorker(Worker):
-    """A worker whose engine takes `measure_seconds` longer, recording when each prompt is measured and written."""
+    """A worker whose engine returns one measurement of the tiny model after `measure_seconds` and whose writes
+    take `write_seconds` longer, recording when each prompt is measured and written."""
 
     def __init__(self, *args, measure_seconds: float, write_seconds: float, **kwargs):
         super().__init__(*args, **kwargs)
         self.measure_seconds, self.write_seconds = measure_seconds, write_seconds
+        self.measurement = None
         self.measured: dict[int, tuple[float, float]] = {}
         self.written: dict[int, tuple[float, float]] = {}
 
     def measure_prompt(self, prompt):
         import time
 
+        if self.measurement is None:  # the real engine once; every prompt then takes the same time
+            self.measurement = super().measure_prompt(prompt)
         started = time.monotonic()
-        result = super().measure_prompt(prompt)
         time.sleep(self.measure_seconds)
         self.measured[len(self.measured)] = (started, time.monotonic())
-        return result
+        return self.measurement
 
     def write(self, connection, measured):
         import time
@@ -224,7 +227,7 @@ def test_a_prompt_is_written_while_the_next_is_measured_and_at_most_one_waits(da
     with psycopg.connect(database_url) as connection:
         prompt_ids = [insert(connection, text=f"cheese => fromage {index}", priority=-index) for index in range(6)]
     # writes slower than measuring: the worker runs ahead until one prompt waits for the writer
-    worker = TimedWorker(database_url, tiny, worker_id="test", measure_seconds=0.0, write_seconds=0.8)
+    worker = TimedWorker(database_url, tiny, worker_id="test", measure_seconds=0.1, write_seconds=0.6)
 
     counts = worker.run_once()
 
