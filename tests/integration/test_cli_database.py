@@ -36,6 +36,7 @@ DATABASE_COMMANDS = {
     "memories add": ["memories", "add", "--key", "pet", "--content", "A cat called Miso."],
     "memories list": ["memories", "list"],
     "runs": ["runs"],
+    "query": ["query", "least_exact_runs", "-v", "since=2000-01-01", "-v", "limit=1"],
     "consolidate": ["consolidate", "--memory-id", "1"],
     "adapters": ["adapters"],
     "generate": ["generate", "--adapter", "1", "--text-file", "prompt.txt"],
@@ -139,6 +140,7 @@ ACTIONS = {
     "status": "counting prompts", "submit": "submitting a prompt", "plot": "reading measurement run 1",
     "adapters": "listing adapters", "memories list": "listing memories", "memories add": "storing memory 'pet'",
     "runs": "listing measurement runs", "generate": "reading adapter 1", "roles": "creating roles and grants",
+    "query": "running query least_exact_runs",
 }
 
 
