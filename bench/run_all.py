@@ -1,9 +1,11 @@
 """Every benchmark in one run, side by side on one machine, and one table of what they measured.
 
-    .venv/bin/python bench/run_all.py [--quick] [--skip engine,writer,storage,end-to-end,consolidation]
+    .venv/bin/python bench/run_all.py [--quick] [--skip engine,hybrid,writer,storage,end-to-end,consolidation]
 
 The engine against one plain forward pass, the naive loop and the original brief's method
-(bench_engine.py); the writer's binary COPY against executemany and psql's \\copy (bench_writer.py);
+(bench_engine.py); the same for a hybrid attention + Mamba2 model, a Falcon-H1 of realistic width and
+the Falcon-H1-0.5B shape at 2,048 tokens (bench_hybrid.py); the writer's binary COPY against
+executemany and psql's \\copy (bench_writer.py);
 the log's bytes per (layer, token), its query times and the service's ceiling with an instant engine,
 each beside schema revision 0006's layout (bench_storage.py); what the database and the queue add to
 the engine's time (bench_end_to_end.py); consolidation
@@ -28,9 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SECTIONS = ("engine", "writer", "storage", "end-to-end", "consolidation")
+SECTIONS = ("engine", "hybrid", "writer", "storage", "end-to-end", "consolidation")
 QUICK = {
     "engine": {"tokens": (120, 512)},
+    "hybrid": {"tokens": (256,)},
     "writer": {"layers": 30, "tokens": 1000, "repeat": 1},
     "storage": {"runs": 50, "tokens": 2048, "real_prompts": 1, "repeat": 1, "aggregate_repeat": 1,
                 "ceiling_prompts": 30},
@@ -39,14 +42,15 @@ QUICK = {
 }
 FULL = {
     "engine": {"tokens": (120, 512, 2048), "long": True},
+    "hybrid": {"tokens": (256, 1024, 2048), "large": True},
     "writer": {"layers": 30, "tokens": 4000, "repeat": 3},
     "storage": {"runs": 2000, "tokens": 2048, "real_prompts": 2, "repeat": 3, "aggregate_repeat": 1,
                 "ceiling_prompts": 200},
     "end-to-end": {"rounds": 2},
     "consolidation": {"distil_facts": 3},
 }
-MODULES = {"engine": "bench_engine", "writer": "bench_writer", "storage": "bench_storage",
-           "end-to-end": "bench_end_to_end", "consolidation": "bench_consolidation"}
+MODULES = {"engine": "bench_engine", "hybrid": "bench_hybrid", "writer": "bench_writer",
+           "storage": "bench_storage", "end-to-end": "bench_end_to_end", "consolidation": "bench_consolidation"}
 NOT_AVAILABLE = "not available"
 
 
@@ -114,6 +118,22 @@ def summary_rows(results: dict[str, dict | None], reasons: dict[str, str]) -> li
                 rows.append((f"brief's method / plain forward, {tokens:,} tokens", f"{row['brief_s'] / plain:.0f}x",
                              f"engine is {row['brief_s'] / row['engine_s']:.0f}x faster"))
             rows.append((f"engine / plain peak memory, {tokens:,} tokens",
+                         f"{row['engine_peak_mib'] / row['plain_peak_mib']:.2f}x",
+                         f"{row['engine_peak_mib']:.0f} vs {row['plain_peak_mib']:.0f} MiB resident, model included"))
+    hybrid = results.get("hybrid")
+    if hybrid is None:
+        missing("hybrid", "hybrid (Falcon-H1) engine vs plain forward")
+    else:
+        for row in hybrid["rows"]:
+            tokens, plain = row["tokens"], row["plain_s"]
+            what = "Falcon-H1-0.5B shape" if row["shape"] == "0.5b" else "Falcon-H1"
+            rows.append((f"{what} engine / plain forward, {tokens:,} tokens", f"{row['engine_s'] / plain:.2f}x",
+                         f"{row['engine_s']:.1f} s vs {plain:.1f} s ({row['engine_cpu_s'] / row['plain_cpu_s']:.2f}x "
+                         f"in CPU seconds); check {row['max_abs_logit_error']:.1e}"))
+            if row["naive_s"] is not None:
+                rows.append((f"{what} naive loop / plain forward, {tokens:,} tokens", f"{row['naive_s'] / plain:.0f}x",
+                             f"engine is {row['naive_s'] / row['engine_s']:.0f}x faster"))
+            rows.append((f"{what} engine / plain peak memory, {tokens:,} tokens",
                          f"{row['engine_peak_mib'] / row['plain_peak_mib']:.2f}x",
                          f"{row['engine_peak_mib']:.0f} vs {row['plain_peak_mib']:.0f} MiB resident, model included"))
     writer = results.get("writer")

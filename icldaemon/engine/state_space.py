@@ -122,18 +122,19 @@ class _Mamba2:
 def _attend(mamba: _Mamba2, C_rows, log_decay_rows, B_cols, x_cols, dt_cols, log_decay_cols, allowed) -> torch.Tensor:
     """sum_s (C_r . B_s) exp(Lambda_r - Lambda_s) dt_s x_s over the allowed (r, s): [rows, heads, head_dim]."""
     groups, rows, cols = mamba.groups, C_rows.shape[0], B_cols.shape[0]
-    scores = torch.einsum("rgn,sgn->grs", C_rows, B_cols)[:, None]  # [groups, 1, rows, cols]
+    scores = torch.matmul(C_rows.transpose(0, 1), B_cols.permute(1, 2, 0))  # [groups, rows, cols]
     # allowed pairs decay (exponent <= 0); the others are clamped before they are zeroed, so nothing overflows
     exponent = (log_decay_rows.T[:, :, None] - log_decay_cols.T[:, None, :]).float().clamp_max_(0.0)
     weights = torch.exp_(exponent).mul_(allowed).mul_(dt_cols.T[:, None, :])  # [heads, rows, cols]
-    weights = (weights.view(groups, -1, rows, cols) * scores).view(-1, rows, cols)
-    return torch.einsum("hrs,shp->rhp", weights, x_cols)
+    weights = weights.view(groups, -1, rows, cols).mul_(scores[:, None]).view(-1, rows, cols)
+    return torch.bmm(weights, x_cols.transpose(0, 1)).transpose(0, 1)  # [rows, heads, head_dim]
 
 
 def _read_state(mamba: _Mamba2, state, C_rows, log_decay_rows) -> torch.Tensor:
     """C_r . exp(Lambda_r) S: [rows, heads, head_dim]."""
-    grouped = state.view(mamba.groups, -1, mamba.head_dim, mamba.state_size)
-    read = torch.einsum("ghpn,rgn->rghp", grouped, C_rows).reshape(C_rows.shape[0], mamba.heads, mamba.head_dim)
+    grouped = state.view(mamba.groups, -1, mamba.state_size)  # [groups, heads per group * head_dim, state]
+    read = torch.matmul(grouped, C_rows.permute(1, 2, 0))  # [groups, heads per group * head_dim, rows]
+    read = read.permute(2, 0, 1).reshape(C_rows.shape[0], mamba.heads, mamba.head_dim)
     return read * torch.exp(log_decay_rows).float()[:, :, None]
 
 
@@ -141,9 +142,9 @@ def _advance(mamba: _Mamba2, state, log_decay, x, B, dt) -> torch.Tensor:
     """The state after a piece, from the state before it: [heads, head_dim, state]."""
     last = log_decay[-1]
     weights = torch.exp(last[None] - log_decay).float() * dt  # [tokens, heads]
-    weighted = (weights[:, :, None] * x).view(x.shape[0], mamba.groups, -1, mamba.head_dim)
-    added = torch.einsum("sghp,sgn->ghpn", weighted, B).reshape(mamba.heads, mamba.head_dim, mamba.state_size)
-    return torch.exp(last).float()[:, None, None] * state + added
+    weighted = (weights[:, :, None] * x).view(x.shape[0], mamba.groups, -1)  # [tokens, groups, per group]
+    added = torch.matmul(weighted.permute(1, 2, 0), B.transpose(0, 1))  # [groups, per group, state]
+    return torch.exp(last).float()[:, None, None] * state + added.view(mamba.heads, mamba.head_dim, mamba.state_size)
 
 
 # ---- a prefill ---------------------------------------------------------------------------------------
