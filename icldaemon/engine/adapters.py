@@ -237,3 +237,15 @@ def dense_without_bias(module: nn.Module, x):
     if type(module).__name__ == "Conv1D":
         return x @ module.weight
     raise UnsupportedArchitectureError(f"dense layer of type {type(module).__name__} is not supported")
+
+
+def dense_weight(module: nn.Module):
+    """A first dense layer's weight as [out, in] (a view), or None where it is no plain floating-point matrix
+    (a quantised or adapter-wrapped layer)."""
+    if type(module) is nn.Linear:
+        weight = module.weight
+    elif type(module).__name__ == "Conv1D":
+        weight = module.weight.T
+    else:
+        return None
+    return weight if weight.dtype.is_floating_point and weight.dim() == 2 else None

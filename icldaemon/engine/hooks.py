@@ -37,8 +37,9 @@ class Tap:
         """
         return None
 
-    def down_projection_rows(self) -> torch.Tensor | slice | None:
-        """Rows whose MLP output is read; the others skip the down projection (zeros). None: all rows."""
+    def mlp_rows(self) -> torch.Tensor | slice | None:
+        """Rows whose MLP output is read; the others skip the MLP (their output is zeros, their `a` is
+        still recorded). None: all rows."""
         return None
 
     def down_output(self, layer_idx: int, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
@@ -66,8 +67,26 @@ def _block_pre(tap: Tap, layer_idx: int, state: dict, module, args, kwargs):
     return None if replaced is None else (args, {**kwargs, "hidden_states": replaced})
 
 
-def _mlp_pre(state: dict, module, args, kwargs):
+def _mlp_pre(tap: Tap, state: dict, module, args, kwargs):
     state["a"] = args[0] if args else next(iter(kwargs.values()))
+    rows = tap.mlp_rows()
+    if rows is None:
+        return None
+    state["mlp_skipped"] = (rows, state["a"].shape[:-1])
+    if args:
+        return (args[0][:, rows], *args[1:]), kwargs
+    name = next(iter(kwargs))
+    return args, {**kwargs, name: kwargs[name][:, rows]}
+
+
+def _mlp_post(state: dict, module, args, kwargs, output):
+    if "mlp_skipped" not in state:
+        return None
+    rows, (batch, sequence) = state.pop("mlp_skipped")
+    computed = _first(output)
+    expanded = computed.new_zeros(batch, sequence, computed.shape[-1])
+    expanded[:, rows] = computed
+    return _replace_first(output, expanded)
 
 
 def _dense(tap: Tap, layer_idx: int, dense_idx: int, state: dict, module, args, output):
@@ -86,23 +105,8 @@ def _block_post(tap: Tap, layer_idx: int, state: dict, module, args, kwargs, out
     return None if replaced is None else _replace_first(output, replaced)
 
 
-def _down_pre(tap: Tap, state: dict, module, args):
-    rows = tap.down_projection_rows()
-    state["down_rows"] = rows
-    if rows is None:
-        return None
-    state["down_shape"] = args[0].shape
-    return (args[0][:, rows], *args[1:])
-
-
-def _down_post(tap: Tap, layer_idx: int, state: dict, module, args, output):
-    rows = state.pop("down_rows", None)
-    if rows is None:
-        return tap.down_output(layer_idx, args[0], output)
-    batch, sequence, _ = state.pop("down_shape")
-    expanded = output.new_zeros(batch, sequence, output.shape[-1])
-    expanded[:, rows] = output
-    return expanded
+def _down_post(tap: Tap, layer_idx: int, module, args, output):
+    return tap.down_output(layer_idx, args[0], output)
 
 
 def _projection_pre(tap: Tap, module, args):
@@ -129,9 +133,10 @@ def tapped(model: nn.Module, adapter: ArchitectureAdapter, tap: Tap):
         for layer_idx, block in enumerate(adapter.blocks(model)):
             state: dict = {}
             handles.append(block.register_forward_pre_hook(partial(_block_pre, tap, layer_idx, state), with_kwargs=True))
-            handles.append(
-                block.get_submodule(adapter.mlp).register_forward_pre_hook(partial(_mlp_pre, state), with_kwargs=True)
-            )
+            mlp = block.get_submodule(adapter.mlp)
+            handles.append(mlp.register_forward_pre_hook(partial(_mlp_pre, tap, state), with_kwargs=True))
+            # before the mlp_output hook, which may sit on the same module: it must see the expanded output
+            handles.append(mlp.register_forward_hook(partial(_mlp_post, state), with_kwargs=True))
             for dense_idx, path in enumerate(adapter.first_dense):
                 handles.append(
                     block.get_submodule(path).register_forward_hook(partial(_dense, tap, layer_idx, dense_idx, state))
@@ -142,8 +147,7 @@ def tapped(model: nn.Module, adapter: ArchitectureAdapter, tap: Tap):
                 handles.append(projection.register_forward_pre_hook(partial(_projection_pre, tap)))
                 handles.append(projection.register_forward_hook(partial(_projection_post, tap)))
             down = block.get_submodule(adapter.down_proj)
-            handles.append(down.register_forward_pre_hook(partial(_down_pre, tap, state)))
-            handles.append(down.register_forward_hook(partial(_down_post, tap, layer_idx, state)))
+            handles.append(down.register_forward_hook(partial(_down_post, tap, layer_idx)))
             handles.append(block.register_forward_hook(partial(_block_post, tap, layer_idx, state), with_kwargs=True))
         yield
     finally:

@@ -29,13 +29,14 @@ from transformers import DynamicCache, PreTrainedModel
 
 from icldaemon.engine.adapters import ArchitectureAdapter, adapter_for, dense_without_bias
 from icldaemon.engine.attention import RowBlock, blocked_attention
+from icldaemon.engine.dense_factor import dense_factors
 from icldaemon.engine.hooks import Tap, tapped
 from icldaemon.engine.prompt import SegmentedPrompt
 from icldaemon.engine.result import DYNAMICS_NAMES, Ablation, Measurement, SegmentAttribution, TokenInfo
 from icldaemon.engine.state_space import dual_form
 from icldaemon.exceptions import BadInputError, NumericalError
 
-CHUNK_COPIES = 256  # prefixes per chunk of copies; bounds the extra memory of the copies
+CHUNK_COPIES = 512  # prefixes per chunk of copies; bounds the extra memory of the copies
 ROW_BLOCK_COPIES = 64  # prefixes per attention row block: each block sees only the keys it needs
 PLAIN_FORWARD_REPEATS = 1  # warm plain passes timed after each measurement, for its cost ratio
 REDUCTION_DTYPE = torch.float64  # norms and dot products of differences lose little at this precision
@@ -153,37 +154,50 @@ class _RecordQuery(Tap):
 class _PrefixCopies(Tap):
     """Overwrites hybrid copies from full copies and reduces both to the dynamics, chunk by chunk."""
 
-    def __init__(self, num_layers: int):
-        self.full_index = self.hybrid_index = self.mlp_rows = None
+    def __init__(self, model, adapter: ArchitectureAdapter):
+        num_layers = adapter.num_layers(model)
+        self.full_index = self.hybrid_index = self.computed_rows = None
         self.prefixes: list[int] = []  # of the current chunk, descending
         self.values = {name: [dict() for _ in range(num_layers)] for name in DYNAMICS_NAMES}
         # per layer: (prefix, u, v) of the smallest prefix of the previous chunk, awaiting its successor
         self.carry: list[tuple | None] = [None] * num_layers
+        # u_i . u_j = (R delta_i) . (R delta_j) (dense_factor.py); without factors, u = W delta itself
+        self.factors = dense_factors(model, adapter)
+        self.dense = [[block.get_submodule(path) for path in adapter.first_dense] for block in adapter.blocks(model)]
 
     def layer_input(self, layer_idx, hidden_states):
-        hidden_states = hidden_states.clone()
+        # in place: the block's input is the previous block's fresh output (or the embeddings), read by
+        # nothing else
         hidden_states[0, self.hybrid_index] = hidden_states[0, self.full_index]
-        return hidden_states
+        return None
 
-    def down_projection_rows(self):
-        # a hybrid copy's MLP output is never read: its next layer input is overwritten
-        return self.mlp_rows
+    def mlp_rows(self):
+        # a hybrid copy's MLP output is never read (its next layer input is overwritten), and its u is
+        # computed from delta below: only the shared query tokens and the full copies run the MLP
+        return self.computed_rows
 
     def duplicate_rows(self):
         # a hybrid copy's layer input is its full copy's: so are its query, key and value projections
         # (rotary positions are applied after them)
-        return self.mlp_rows, self.hybrid_index, self.full_index
+        return self.computed_rows, self.hybrid_index, self.full_index
+
+    def _u(self, layer_idx, delta):
+        """[copies, k] with u_i . u_j the products of u = W delta (k = d_model with factors, else d_ff)."""
+        if self.factors is not None:
+            factor = self.factors[layer_idx]
+            return (delta.to(factor.dtype) @ factor).to(REDUCTION_DTYPE)
+        return torch.cat([dense_without_bias(module, delta.to(module.weight.dtype)) for module in self.dense[layer_idx]],
+                         dim=-1).to(REDUCTION_DTYPE)
 
     def layer_output(self, layer_idx, hidden_states, state):
         full, hybrid = self.full_index, self.hybrid_index
         vecdot = torch.linalg.vecdot
         a = state["a"][0]
         a_full, a_tilde = a[full].to(REDUCTION_DTYPE), a[hybrid].to(REDUCTION_DTYPE)  # [copies, d_model]
-        # W delta, read off the dense layers' outputs: [copies, d_ff_total]
-        u = torch.cat([z[0, full] - z[0, hybrid] for z in state["z"]], dim=-1).to(REDUCTION_DTYPE)
+        delta = a_full - a_tilde
+        u = self._u(layer_idx, delta)
         m = hidden_states[0] - state["mlp_output"][0]
         bias_delta = (m[full] - m[hybrid]).to(REDUCTION_DTYPE)
-        delta = a_full - a_tilde
         a_tilde_sq, u_sq = vecdot(a_tilde, a_tilde), vecdot(u, u)
         frobenius_sq = u_sq / a_tilde_sq  # ||u v^T||^2 with v = a~ / ||a~||^2
         frobenius = torch.sqrt(frobenius_sq)
@@ -226,7 +240,7 @@ def _prefix_dynamics(model, adapter, prompt, cache, prefixes, chunk_copies) -> d
     anchor, query_len, num_layers = prompt.anchor_tokens, prompt.query_tokens, adapter.num_layers(model)
     query_position = prompt.query_position
     query_ids = ids[query_position:]
-    tap = _PrefixCopies(num_layers)
+    tap = _PrefixCopies(model, adapter)
     descending = sorted(prefixes, reverse=True)
     with tapped(model, adapter, tap):
         for start in range(0, len(descending), chunk_copies):
@@ -252,7 +266,7 @@ def _prefix_dynamics(model, adapter, prompt, cache, prefixes, chunk_copies) -> d
             _exclude_sibling_hybrids(mask, cache_length, hybrid_index)
             tap.full_index = torch.tensor(full_index, device=device)
             tap.hybrid_index = torch.tensor(hybrid_index, device=device)
-            tap.mlp_rows = slice(0, hybrid_index[0])  # the shared query tokens and the full copies
+            tap.computed_rows = slice(0, hybrid_index[0])  # the shared query tokens and the full copies
             tap.prefixes = chunk
             position_ids = torch.tensor([token.position for token in tokens], device=device)
             plan = _row_blocks(anchor, chunk, query_len, cache_length)
@@ -285,7 +299,7 @@ def _row_blocks(anchor: int, chunk: list[int], query_len: int, cache_length: int
         blocks.append(RowBlock(rows, (slice(0, anchor + chunk[first]), own)))  # chunk is in descending order
     hybrid_rows = slice(full_end, full_end + len(chunk))
     hybrid_keys = slice(cache_length + hybrid_rows.start, cache_length + hybrid_rows.stop)
-    blocks.append(RowBlock(hybrid_rows, (slice(0, anchor), *shared_keys, hybrid_keys)))
+    blocks.append(RowBlock(hybrid_rows, (slice(0, anchor), *shared_keys), own=hybrid_keys))
     return blocks
 
 
