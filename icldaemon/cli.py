@@ -90,13 +90,12 @@ def cmd_measure(args, settings: Settings) -> int:
     _check_output(args.plot, "--plot")
     _check_model_name(args.model or settings.model)
 
-    from icldaemon.engine.loading import load_model
+    from icldaemon.engine.loading import load_configured_model
     from icldaemon.engine.measure import max_positions, measure
     from icldaemon.engine.prompt import build_prompt
     from icldaemon.report import summary_lines
 
-    loaded = load_model(args.model or settings.model, models_dir=settings.models_dir, device=settings.device,
-                        dtype=settings.dtype)
+    loaded = load_configured_model(settings, args.model)
     prompt = build_prompt(loaded.tokenizer, memories=memories, query_tokens=args.query_tokens,
                           max_tokens=max_positions(loaded.model), **prompt_source)
     log = get_logger(model=loaded.name)
@@ -189,10 +188,9 @@ def cmd_run(args, settings: Settings) -> int:
 
         from icldaemon.consolidate import ConsolidationSettings
         from icldaemon.daemon import DaemonSettings, Worker
-        from icldaemon.engine.loading import check_measurable, load_model
+        from icldaemon.engine.loading import check_measurable, load_configured_model
 
-        loaded = load_model(settings.model, models_dir=settings.models_dir, device=settings.device,
-                            dtype=settings.dtype)
+        loaded = load_configured_model(settings)
         # before any prompt is claimed: a model the engine cannot measure must not fail the queue's jobs
         get_logger().info("model_checked", model=loaded.name, max_abs_logit_error=check_measurable(loaded))
         processed: list[int] = []  # with --once: the prompts this worker measured or failed, for their run ids
@@ -419,7 +417,7 @@ def cmd_consolidate(args, settings: Settings) -> int:
         _check_model_name(settings.model)
 
         from icldaemon.consolidate import ConsolidationRequest, ConsolidationSettings, Consolidator, describe
-        from icldaemon.engine.loading import load_model
+        from icldaemon.engine.loading import load_configured_model
 
         request = ConsolidationRequest.from_settings(
             ConsolidationSettings(),
@@ -428,8 +426,7 @@ def cmd_consolidate(args, settings: Settings) -> int:
             memory_id=args.memory_id, session_id=args.session_id, rank=args.rank, min_patches=args.min_patches,
             ridge=args.ridge, preservation=args.preservation,
         )
-        loaded = load_model(settings.model, models_dir=settings.models_dir, device=settings.device,
-                            dtype=settings.dtype)
+        loaded = load_configured_model(settings)
         records = Consolidator(url, loaded, settings.adapters_dir).run(request)
     for record in records:
         print(describe(record))
@@ -494,11 +491,11 @@ def cmd_generate(args, settings: Settings) -> int:
     from peft import PeftModel
 
     from icldaemon.engine.answers import greedy_answer, stop_token_ids
-    from icldaemon.engine.loading import load_model
+    from icldaemon.engine.loading import load_configured_model
     from icldaemon.engine.measure import max_positions
     from icldaemon.engine.prompt import Memory, build_prompt
 
-    loaded = load_model(settings.model, models_dir=settings.models_dir, device=settings.device, dtype=settings.dtype)
+    loaded = load_configured_model(settings)
     if row["model"] != loaded.name:
         raise BadInputError(f"adapter {args.adapter} was fitted on {row['model']}; the loaded model is {loaded.name} "
                             "(set ICLD_MODEL)")
@@ -541,14 +538,16 @@ def cmd_roles(args, settings: Settings) -> int:
     from icldaemon.store.database import database_url
     from icldaemon.store.roles import ensure_roles
 
-    names = {role: name for role, name in (("writer", args.writer), ("reader", args.reader)) if name}
+    names = {role: name for role, name in (("writer", args.writer), ("reader", args.reader),
+                                           ("submitter", args.submitter)) if name}
     with database_url(settings) as url:
         report = ensure_roles(url, **names)
-    print(f"writer role {report.writer}, read-only role {report.reader}: privileges granted")
+    print(f"writer role {report.writer}, read-only role {report.reader}, submitter role {report.submitter}: "
+          "privileges granted")
     if report.created:
-        print(f"created (login, no password yet): {', '.join(report.created)}")
-    if report.tables_given:
-        print(f"now owned by {report.writer}: {', '.join(report.tables_given)}")
+        print(f"created (the logins with no password yet): {', '.join(report.created)}")
+    if report.tables_given_back:
+        print(f"given back to the schema owner by {report.writer}: {', '.join(report.tables_given_back)}")
     return 0
 
 
@@ -675,9 +674,12 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--layers", type=_layers, help="layers to draw curves for: 0,5,29 (default: five spread out)")
     plot.set_defaults(handler=cmd_plot)
 
-    roles = commands.add_parser("roles", help="create the writer and read-only database roles and grant them")
+    roles = commands.add_parser("roles", help="create the writer, read-only and submitter database roles and grant them")
     roles.add_argument("--writer", help="the daemon's role (default icldaemon_writer)")
-    roles.add_argument("--reader", help="the read-only role for Grafana and analysts (default icldaemon_reader)")
+    roles.add_argument("--reader", help="the read-only role for Grafana and analysts, without the raw text of prompts "
+                       "and memories (default icldaemon_reader; icldaemon_text_reader, granted to a login, adds it)")
+    roles.add_argument("--submitter", help="the applications' role: submit prompts and memories, read the status of "
+                       "their own prompts (default icldaemon_submitter)")
     roles.set_defaults(handler=cmd_roles)
     return parser
 

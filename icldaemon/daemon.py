@@ -95,18 +95,49 @@ class _JobAbandoned(Exception):
 
 
 @contextlib.contextmanager
-def _abandonable(abandoned: threading.Event) -> Iterator[None]:
-    """While the model runs: once `abandoned` is set, its next module call raises _JobAbandoned."""
-
-    def check(module, args) -> None:
-        if abandoned.is_set():
-            raise _JobAbandoned()
-
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(check)
+def _on_module_calls(call: Callable[[], None]) -> Iterator[None]:
+    """While the model runs: `call()` before every module call (of any model, on any thread)."""
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: call())
     try:
         yield
     finally:
         handle.remove()
+
+
+def _abandonable(abandoned: threading.Event, moved: Callable[[], None]):
+    """While the model runs: every module call is progress; once `abandoned` is set, the next raises _JobAbandoned."""
+
+    def check() -> None:
+        moved()
+        if abandoned.is_set():
+            raise _JobAbandoned()
+
+    return _on_module_calls(check)
+
+
+class _Progress:
+    """When each of the service's threads last moved; a thread waiting for work is idle and never stalls.
+
+    The main thread feeds systemd's watchdog only while no thread is stalled (busy and unmoved for longer
+    than the watchdog's timeout): a job stuck in a kernel or a lock wait stops the feeding, and systemd
+    restarts the service. Moves: every module call of the model (measuring, consolidating), every claim,
+    and each prompt the writer takes up.
+    """
+
+    def __init__(self):
+        self._since: dict[str, float | None] = {}  # thread -> when it last moved; None: idle
+
+    def moved(self, thread: str) -> None:
+        self._since[thread] = time.monotonic()
+
+    def idle(self, thread: str) -> None:
+        self._since[thread] = None
+
+    def stalled(self, limit: float) -> dict[str, float]:
+        """The busy threads that have not moved for more than `limit` seconds, with those seconds."""
+        now = time.monotonic()
+        return {thread: now - since for thread, since in list(self._since.items())
+                if since is not None and now - since > limit}
 
 
 class _Heartbeat:
@@ -250,8 +281,13 @@ class _ResultWriter:
     def _run(self) -> None:
         connection: psycopg.Connection | None = None
         job: _Measured | None = None
+        progress = self._worker.progress
         try:
-            while (job := self._jobs.get()) is not None:
+            while True:
+                progress.idle("write")
+                if (job := self._jobs.get()) is None:
+                    break
+                progress.moved("write")
                 status = None
                 try:
                     if connection is None:
@@ -315,6 +351,7 @@ class Worker:
         self._current: queue.Claim | None = None
         self._listening = threading.Event()
         self._abandoned = threading.Event()
+        self.progress = _Progress()
         # Consolidation runs the model, so it runs on the worker thread, between prompts.
         self.consolidation = consolidation
         self.adapters_dir = adapters_dir
@@ -372,7 +409,7 @@ class Worker:
         heartbeat = _Heartbeat(self.url, claim, self.lease_seconds).start()
         try:
             prompt = self.assemble(connection, claim)
-            with _abandonable(self._abandoned):
+            with _abandonable(self._abandoned, lambda: self.progress.moved("work")):
                 measurement, answer_patches = self.measure_prompt(prompt)
             measurement.model["revision"] = self.loaded.revision
             prepared = writer.prepare(
@@ -449,12 +486,14 @@ class Worker:
         self.stop()
 
     def _drain(self, connection: psycopg.Connection) -> None:
-        results = self._results
+        results, progress = self._results, self.progress
         while not self._stopping.is_set():
+            progress.moved("work")
             claim = queue.claim(connection, self.worker_id, self.lease_seconds)
             if claim is None:
                 if not results.busy():
                     return
+                progress.idle("work")  # waiting for the writer, whose own progress is watched
                 results.flush()  # a write that fails may put its prompt back in the queue: look again
                 continue
             self._current = claim
@@ -464,7 +503,9 @@ class Worker:
                 self._current = None
             if isinstance(measured, str):
                 self._finished(claim, measured)
-            elif not results.submit(measured):
+                continue
+            progress.idle("work")
+            if not results.submit(measured):
                 return  # the writer stopped on a fault, and stopped the worker
 
     @contextlib.contextmanager
@@ -515,6 +556,7 @@ class Worker:
                                 self._consolidation_due.clear()
                                 self.consolidate()
                                 continue
+                            self.progress.idle("work")
                             self._wake.wait()
                 except (DatabaseError, psycopg.Error) as exc:
                     self.log.error("worker_database_error", error=str(exc))
@@ -530,7 +572,8 @@ class Worker:
         if self._consolidator is None:  # keeps the neutral prompts' baseline between runs
             self._consolidator = Consolidator(self.url, self.loaded, self.adapters_dir)
         try:
-            self._consolidator.run(ConsolidationRequest.from_settings(self.consolidation), raise_errors=False)
+            with _on_module_calls(lambda: self.progress.moved("work")):
+                self._consolidator.run(ConsolidationRequest.from_settings(self.consolidation), raise_errors=False)
         except IcldaemonError as exc:  # logged; the daemon goes on measuring
             self.log.error("consolidation_failed", error=str(exc), error_type=type(exc).__name__)
 
@@ -596,14 +639,26 @@ class Worker:
             scheduler.start()
             listener.start()
             worker.start()
-            # The main thread feeds systemd's watchdog: a process whose main loop stops turning is restarted.
+            # The main thread feeds systemd's watchdog while the work moves (_Progress): a job stuck in a kernel
+            # or a lock wait, or a main loop that stops turning, gets the process restarted.
             tick = min(MAIN_LOOP_TICK, notifier.watchdog_interval or MAIN_LOOP_TICK)
+            stall_limit = notifier.watchdog_timeout  # unmoved this long: systemd would have restarted a hung one
+            withheld = False
             while worker.is_alive() and not self._stopping.is_set():
                 if self._listening.is_set():
                     if not ready:
                         ready = notifier.ready(self._activity()) or True
                     notifier.status(self._activity())
-                notifier.watchdog()
+                stalled = self.progress.stalled(stall_limit) if stall_limit else {}
+                if stalled and not withheld:
+                    self.log.error("watchdog_withheld", stalled_seconds={thread: round(seconds, 1)
+                                                                          for thread, seconds in stalled.items()},
+                                   current_prompt=self._current and self._current.prompt_id)
+                elif withheld and not stalled:
+                    self.log.info("watchdog_resumed")
+                withheld = bool(stalled)
+                if not stalled:
+                    notifier.watchdog()
                 self._stopping.wait(tick)
             self.log.info("daemon_stopping", current_prompt=self._current and self._current.prompt_id)
             notifier.stopping()

@@ -12,7 +12,7 @@ import uuid
 from tqdm import tqdm
 
 from icldaemon.daemon import DaemonSettings, Worker
-from icldaemon.engine.loading import load_model
+from icldaemon.engine.loading import load_configured_model
 from icldaemon.exceptions import IcldaemonError
 from icldaemon.logs import configure_logging
 from icldaemon.settings import load_settings
@@ -142,8 +142,7 @@ def main() -> int:
     configure_logging(settings.log_format, "warning" if settings.log_level == "info" else settings.log_level)
     session_id = uuid.uuid4()
     try:
-        loaded = load_model(settings.model, models_dir=settings.models_dir, device=settings.device,
-                            dtype=settings.dtype)
+        loaded = load_configured_model(settings)
         with database_url(settings) as url:
             upgrade(url)
             print(f"database ready at schema revision {current(url)}")

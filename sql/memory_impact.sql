@@ -15,7 +15,6 @@
 -- One model's memories, most behavioural effect first, with their patch norm, both ranks and the layer where their patch peaks.
 SELECT ranking.memory_id,
        ranking.memory_key,
-       left(memories.content, 80) AS content_start,
        ranking.runs,
        ranking.mean_kl,
        ranking.kl_rank,
@@ -25,7 +24,6 @@ SELECT ranking.memory_id,
        ranking.usual_peak_layer_idx,
        ranking.last_measured_at
 FROM icl_analytics.memory_ranking AS ranking
-LEFT JOIN memories ON memories.id = ranking.memory_id
 WHERE ranking.model = :'model'
 ORDER BY ranking.kl_rank, ranking.memory_id;
 

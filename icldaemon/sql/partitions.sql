@@ -10,21 +10,6 @@ JOIN pg_class AS child ON child.oid = pg_inherits.inhrelid
 WHERE pg_inherits.inhparent IN ('icl_dynamics_layers'::regclass, 'icl_dynamics_tokens'::regclass)
 ORDER BY child.relname;
 
--- name: create_icl_dynamics_log_partition_table --
--- A stand-alone table shaped like {table} ({partition}, {table}: identifiers), to be attached as a partition.
-CREATE TABLE {partition} (LIKE {table} INCLUDING DEFAULTS INCLUDING STORAGE);
-
--- name: move_rows_from_icl_dynamics_log_default --
--- Move the rows in [range_start, range_end) of {table}'s default partition {default} into {partition}, to attach it.
-WITH moved AS (
-    DELETE FROM {default}
-    WHERE created_at >= %(range_start)s AND created_at < %(range_end)s
-    RETURNING *
-)
-INSERT INTO {partition}
-SELECT * FROM moved;
-
--- name: attach_icl_dynamics_log_partition --
--- Attach {partition} to {table} for [{range_start}, {range_end}); DDL takes no bound parameters, so the bounds are literals.
-ALTER TABLE {table} ATTACH PARTITION {partition}
-FOR VALUES FROM ({range_start}) TO ({range_end});
+-- name: create_icl_dynamics_log_partition --
+-- The monthly partition of %(table)s for the UTC month starting at %(month)s, through the schema owner's function (revision 0008); its name, or NULL when it exists.
+SELECT icl_create_log_partition(%(table)s, %(month)s);

@@ -20,12 +20,22 @@ ALTER ROLE {role} SET default_transaction_read_only = on;
 -- Both roles may connect to this database.
 GRANT CONNECT ON DATABASE {database} TO {writer}, {reader};
 
+-- name: create_group_role --
+-- A role that cannot log in: granted to the logins that may act as it.
+CREATE ROLE {role} NOLOGIN;
+
 -- name: grant_writer_schema --
--- The writer uses public, and creates tables there only for the monthly partitions of the log's tables.
-GRANT USAGE, CREATE ON SCHEMA public TO {writer};
+-- The writer uses public and creates nothing there (an earlier version let it create the log's partitions).
+GRANT USAGE ON SCHEMA public TO {writer};
+REVOKE CREATE ON SCHEMA public FROM {writer};
+
+-- name: grant_writer_functions --
+-- Partition maintenance and retention run in the schema owner's functions, which check what they are asked.
+GRANT EXECUTE ON FUNCTION icl_create_log_partition(text, timestamptz), icl_drop_log_partition(text, double precision),
+    icl_submit(jsonb, bigint[], text, uuid, integer) TO {writer};
 
 -- name: grant_writer_tables --
--- The writer reads and writes rows in every table; it deletes none (the log's partitions it owns).
+-- The writer reads and writes rows in every table; it deletes none and owns none.
 GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {writer};
 
 -- name: revoke_writer_schema_version --
@@ -41,8 +51,31 @@ ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT, INSERT, UPDATE ON TABLES
 GRANT USAGE ON SCHEMA public, icl_analytics TO {reader};
 
 -- name: grant_reader_tables --
--- The reader reads every table and view, and nothing else.
+-- The reader reads every table and view, and nothing else; of prompts and memories not the raw text (below).
 GRANT SELECT ON ALL TABLES IN SCHEMA public, icl_analytics TO {reader};
+
+-- name: reader_without_raw_text --
+-- The reader sees every column of prompts and memories but the prompt's text and messages and the memory's content.
+REVOKE SELECT ON prompts, memories FROM {reader};
+GRANT SELECT (id, session_id, status, priority, attempts, last_error, created_at, started_at, finished_at,
+              lease_expires_at, worker_id, next_attempt_at, submitted_by) ON prompts TO {reader};
+GRANT SELECT (id, key, metadata, created_at) ON memories TO {reader};
+
+-- name: grant_text_reader --
+-- The opt-in role that may read the raw text too: grant it to a login that needs it (GRANT {text_reader} TO someone).
+GRANT USAGE ON SCHEMA public TO {text_reader};
+GRANT SELECT ON prompts, memories TO {text_reader};
+
+-- name: grant_submitter --
+-- Applications submit prompts and memories and follow their own prompts' status, and nothing else.
+GRANT CONNECT ON DATABASE {database} TO {submitter};
+GRANT USAGE ON SCHEMA public TO {submitter};
+GRANT EXECUTE ON FUNCTION icl_submit(jsonb, bigint[], text, uuid, integer) TO {submitter};
+GRANT INSERT (session_id, messages, text, priority) ON prompts TO {submitter};
+GRANT SELECT (id) ON prompts, memories TO {submitter};
+GRANT INSERT (key, content, metadata) ON memories TO {submitter};
+GRANT INSERT ON memory_retrievals TO {submitter};
+GRANT SELECT ON icl_own_prompts TO {submitter};
 
 -- name: grant_reader_future_objects --
 -- Tables, views and schemas that later migrations (run by this role) create are readable too.
@@ -53,7 +86,7 @@ ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO {reader};
 ALTER DEFAULT PRIVILEGES GRANT USAGE ON SCHEMAS TO {reader};
 
 -- name: icl_dynamics_log_tables --
--- The log's tables (icl_dynamics_layers, icl_dynamics_tokens) and their partitions, with schema and owner: the writer must own them to add and drop partitions.
+-- The log's tables (icl_dynamics_layers, icl_dynamics_tokens) and their partitions, with schema and owner: an earlier version gave them to the writer.
 SELECT pg_namespace.nspname AS schema_name, pg_class.relname AS table_name, pg_get_userbyid(pg_class.relowner) AS owner
 FROM unnest(ARRAY['icl_dynamics_layers', 'icl_dynamics_tokens']::regclass[]) AS log_table(relid)
 CROSS JOIN LATERAL pg_partition_tree(log_table.relid) AS tree
@@ -61,6 +94,10 @@ JOIN pg_class ON pg_class.oid = tree.relid
 JOIN pg_namespace ON pg_namespace.oid = pg_class.relnamespace
 ORDER BY tree.level, pg_class.relname;
 
--- name: give_table_to_writer --
--- Make {writer} the owner of {table}.
-ALTER TABLE {table} OWNER TO {writer};
+-- name: schema_owner --
+-- The role that ran the migrations: it owns alembic_version, the tables and the functions.
+SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = 'alembic_version'::regclass;
+
+-- name: give_table_back --
+-- Make {owner} the owner of {table} again.
+ALTER TABLE {table} OWNER TO {owner};

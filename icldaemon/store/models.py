@@ -113,6 +113,8 @@ class Prompt(Base):
     lease_expires_at: Mapped[datetime.datetime | None]
     worker_id: Mapped[str | None]
     next_attempt_at: Mapped[datetime.datetime | None]
+    # the session user that inserted it (revision 0008): the submitter reads its own through icl_own_prompts
+    submitted_by: Mapped[str | None] = mapped_column(server_default=sql_text("session_user"))
 
 
 class MemoryRetrieval(Base):
@@ -394,3 +396,13 @@ class AdapterPatch(Base):
     run_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     memory_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     role: Mapped[str]
+
+# The status of the prompts the current session user submitted (revision 0008): what the submitter role reads.
+ICL_OWN_PROMPTS_VIEW = """
+CREATE VIEW icl_own_prompts AS
+SELECT id, session_id, status, attempts, last_error, created_at, started_at, finished_at
+FROM prompts
+WHERE submitted_by = session_user
+"""
+event.listen(Base.metadata, "after_create", DDL(ICL_OWN_PROMPTS_VIEW))
+event.listen(Base.metadata, "before_drop", DDL("DROP VIEW IF EXISTS icl_own_prompts"))

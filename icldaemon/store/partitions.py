@@ -1,5 +1,8 @@
 """Monthly partitions of the log's tables, icl_dynamics_layers and icl_dynamics_tokens, bounded by months in UTC.
 
+They are made by `icl_create_log_partition`, a function of the schema owner (revision 0008), so the
+writer needs neither CREATE nor ownership of any table.
+
 A month's partitions are named after their table, `icl_dynamics_layers_y2026m03` and
 `icl_dynamics_tokens_y2026m03`, and always made (and dropped, store/retention.py) together: a run's
 rows in both tables carry the same created_at, so they always lie in the same month's pair.
@@ -8,7 +11,6 @@ rows in both tables carry the same created_at, so they always lie in the same mo
 import datetime
 import re
 
-from psycopg import sql
 from sqlalchemy.engine import Connection
 
 from icldaemon.exceptions import ConfigurationError
@@ -55,37 +57,19 @@ def ensure_partitions(
     if months_ahead < 0:
         raise ConfigurationError(f"months_ahead must be 0 or more, got {months_ahead}")
     today = today or datetime.datetime.now(datetime.UTC).date()
-    driver_connection = conn.connection.driver_connection
     url = conn.engine.url.render_as_string(hide_password=False)
-
-    def execute(query_name: str, parameters: dict | None = None, **identifiers: sql.Composable):
-        statement = sql.SQL(QUERIES[query_name]).format(**identifiers).as_string(driver_connection)
-        return conn.exec_driver_sql(statement, parameters) if parameters else conn.exec_driver_sql(statement)
-
     created: list[str] = []
     with translate_errors(url, "creating partitions of icl_dynamics_layers and icl_dynamics_tokens"):
-        execute("lock_icl_dynamics_log_partitions")
-        existing = set(execute("list_icl_dynamics_log_partitions").scalars())
+        conn.exec_driver_sql(QUERIES["lock_icl_dynamics_log_partitions"])
+        existing = set(conn.exec_driver_sql(QUERIES["list_icl_dynamics_log_partitions"]).scalars())
         for months_later in range(months_ahead + 1):
             range_start = month_start(today, months_later)
-            range_end = month_start(today, months_later + 1)
             for table in LOG_TABLES:
-                name = partition_name(table, range_start)
-                if name in existing:
+                if partition_name(table, range_start) in existing:
                     continue
-                identifiers = {"table": sql.Identifier(table), "partition": sql.Identifier(name)}
-                execute("create_icl_dynamics_log_partition_table", **identifiers)
-                execute(
-                    "move_rows_from_icl_dynamics_log_default",
-                    {"range_start": range_start, "range_end": range_end},
-                    default=sql.Identifier(default_partition(table)),
-                    **identifiers,
-                )
-                execute(
-                    "attach_icl_dynamics_log_partition",
-                    range_start=sql.Literal(range_start),
-                    range_end=sql.Literal(range_end),
-                    **identifiers,
-                )
-                created.append(name)
+                # the DDL runs in the schema owner's function: the writer owns no table and creates none
+                name = conn.exec_driver_sql(QUERIES["create_icl_dynamics_log_partition"],
+                                            {"table": table, "month": range_start}).scalar()
+                if name is not None:
+                    created.append(name)
     return created

@@ -10,7 +10,6 @@ consolidation reads the memory patches.
 
 import datetime
 
-from psycopg import sql
 from sqlalchemy.engine import Connection
 
 from icldaemon.exceptions import ConfigurationError
@@ -46,12 +45,12 @@ def drop_expired_partitions(
         raise ConfigurationError(f"the retention must be a positive number of days, got {retention_days}")
     now = now or datetime.datetime.now(datetime.UTC)
     url = conn.engine.url.render_as_string(hide_password=False)
-    driver_connection = conn.connection.driver_connection
     with translate_errors(url, "dropping expired partitions of icl_dynamics_layers and icl_dynamics_tokens"):
         conn.exec_driver_sql(QUERIES["lock_icl_dynamics_log_partitions"])
         names = list(conn.exec_driver_sql(QUERIES["list_icl_dynamics_log_partitions"]).scalars())
         expired = expired_partitions(names, retention_days, now)
         for name in expired:
-            statement = sql.SQL(QUERIES["drop_icl_dynamics_log_partition"]).format(partition=sql.Identifier(name))
-            conn.exec_driver_sql(statement.as_string(driver_connection))
+            # the schema owner's function drops it, and only a month that ended before the retention
+            conn.exec_driver_sql(QUERIES["drop_icl_dynamics_log_partition"],
+                                 {"partition": name, "retention_days": float(retention_days)})
     return expired

@@ -1,16 +1,23 @@
-"""Database roles: one the daemon writes with, one read-only for Grafana and analysts.
+"""Database roles: the daemon's writer, a read-only reader for Grafana and analysts, and a submitter for applications.
 
-Roles belong to the whole PostgreSQL cluster, grants to one database. `ensure_roles` creates the two
+Roles belong to the whole PostgreSQL cluster, grants to one database. `ensure_roles` creates the
 login roles where they are missing (another process creating them at the same moment is fine) and
 applies the grants in the database at `url`; every step can be repeated. Run it as a superuser, or
 as the role that owns the schema and runs the migrations: default privileges are recorded for the
 role that runs it, so that tables and views of later migrations are granted too.
 
-The writer reads and writes rows, creates tables in `public` only for the monthly partitions of the
-log's tables (icl_dynamics_layers and icl_dynamics_tokens, behind the view icl_dynamics_log) and owns
-those tables and their partitions (PostgreSQL lets only an owner attach and drop partitions); it
-cannot alter or drop any other table, nor change the schema revision. The reader can read every
-table and view, and its sessions start read-only.
+- The **writer** reads and writes rows (it deletes none), owns nothing and creates nothing: the
+  monthly partitions of the log's tables are made and dropped by two functions of the schema owner
+  (revision 0008) that it may only execute, and which make only the log's monthly partitions and drop
+  only months older than the retention. It cannot alter, drop or truncate any table, nor change the
+  schema revision. Log tables an earlier version gave it are given back to the schema owner.
+- The **reader** reads every table and view, but not the raw text of prompts (`text`, `messages`) nor
+  of memories (`content`); its sessions start read-only. The log's `token_text` stays readable: the
+  dashboards label tokens with it.
+- The **submitter** calls `icl_submit`, inserts memories, prompts and retrievals, and reads the status
+  of the prompts it submitted (`icl_own_prompts`); nothing else.
+- The **text reader** (`icldaemon_text_reader`, no login) may read the raw text: the opt-in for a
+  login that needs it (`GRANT icldaemon_text_reader TO alice`).
 """
 
 from dataclasses import dataclass, field
@@ -24,22 +31,25 @@ from icldaemon.store.queue import connect, connection_url
 
 WRITER_ROLE = "icldaemon_writer"
 READER_ROLE = "icldaemon_reader"
+SUBMITTER_ROLE = "icldaemon_submitter"
+TEXT_READER_ROLE = "icldaemon_text_reader"
 
 QUERIES = load_queries()
 
-_WRITER_GRANTS = ("grant_writer_schema", "grant_writer_tables", "revoke_writer_schema_version",
-                  "grant_writer_future_tables")
-_READER_GRANTS = ("grant_reader_schemas", "grant_reader_tables", "grant_reader_future_objects",
-                  "grant_reader_future_schemas")
+_WRITER_GRANTS = ("grant_writer_schema", "grant_writer_functions", "grant_writer_tables",
+                  "revoke_writer_schema_version", "grant_writer_future_tables")
+_READER_GRANTS = ("grant_reader_schemas", "grant_reader_tables", "reader_without_raw_text",
+                  "grant_reader_future_objects", "grant_reader_future_schemas")
 
 
 @dataclass
 class RolesReport:
     writer: str
     reader: str
+    submitter: str
     created: list[str] = field(default_factory=list)
     made_read_only: list[str] = field(default_factory=list)
-    tables_given: list[str] = field(default_factory=list)
+    tables_given_back: list[str] = field(default_factory=list)
 
 
 def _execute(connection: psycopg.Connection, name: str, parameters: dict | None = None, **identifiers):
@@ -47,26 +57,29 @@ def _execute(connection: psycopg.Connection, name: str, parameters: dict | None 
     return connection.execute(query, parameters)
 
 
-def _create_role(connection: psycopg.Connection, role: str) -> bool:
-    """Create a login role unless it exists; False when it existed (or another session just created it)."""
+def _create_role(connection: psycopg.Connection, role: str, login: bool = True) -> bool:
+    """Create a role unless it exists; False when it existed (or another session just created it)."""
     if _execute(connection, "role_exists", {"role": role}).fetchone() is not None:
         return False
     try:
         with connection.transaction():
-            _execute(connection, "create_login_role", role=sql.Identifier(role))
+            _execute(connection, "create_login_role" if login else "create_group_role", role=sql.Identifier(role))
     except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
         # Another session created it between the check and here: roles are cluster-wide.
         return False
     return True
 
 
-def ensure_roles(url: str, writer: str = WRITER_ROLE, reader: str = READER_ROLE) -> RolesReport:
-    """Create the writer and reader roles if missing and grant them their privileges in the database at `url`."""
-    report = RolesReport(writer, reader)
+def ensure_roles(url: str, writer: str = WRITER_ROLE, reader: str = READER_ROLE,
+                 submitter: str = SUBMITTER_ROLE) -> RolesReport:
+    """Create the roles if missing and grant them their privileges in the database at `url`."""
+    report = RolesReport(writer, reader, submitter)
     with connect(url) as connection, translate_errors(connection_url(connection), "creating roles and grants"):
-        for role in (writer, reader):
+        for role in (writer, reader, submitter):
             if _create_role(connection, role):
                 report.created.append(role)
+        if _create_role(connection, TEXT_READER_ROLE, login=False):
+            report.created.append(TEXT_READER_ROLE)
         if _execute(connection, "role_is_read_only", {"role": reader}).fetchone() is None:
             _execute(connection, "make_role_read_only", role=sql.Identifier(reader))
             report.made_read_only.append(reader)
@@ -76,11 +89,14 @@ def ensure_roles(url: str, writer: str = WRITER_ROLE, reader: str = READER_ROLE)
             _execute(connection, name, writer=roles["writer"])
         for name in _READER_GRANTS:
             _execute(connection, name, reader=roles["reader"])
-        for table in _execute(connection, "icl_dynamics_log_tables").fetchall():
-            schema_name, table_name, owner = table
-            if owner != writer:
-                _execute(connection, "give_table_to_writer", table=sql.Identifier(schema_name, table_name),
-                         writer=roles["writer"])
-                report.tables_given.append(table_name)
+        _execute(connection, "grant_text_reader", text_reader=sql.Identifier(TEXT_READER_ROLE))
+        _execute(connection, "grant_submitter", submitter=sql.Identifier(submitter),
+                 database=sql.Identifier(connection.info.dbname))
+        (schema_owner,) = _execute(connection, "schema_owner").fetchone()
+        for schema_name, table_name, owner in _execute(connection, "icl_dynamics_log_tables").fetchall():
+            if owner == writer:
+                _execute(connection, "give_table_back", table=sql.Identifier(schema_name, table_name),
+                         owner=sql.Identifier(schema_owner))
+                report.tables_given_back.append(table_name)
         connection.commit()
     return report

@@ -62,7 +62,7 @@ def test_malformed_files_are_errors(text, message):
 def test_the_packaged_queries_load():
     queries = load_queries()
 
-    assert "attach_icl_dynamics_log_partition" in queries
+    assert "create_icl_dynamics_log_partition" in queries
     assert all(sql and not sql.startswith("--") for sql in queries.values())
 
 
