@@ -8,12 +8,16 @@ import pytest
 from daemon_fixtures import save_tiny_model  # on the path through conftest.py
 from daemon_processes import STARTUP_TIMEOUT, Daemon, RawPrompt, assert_each_measured_exactly_once, insert_prompts
 
+from icldaemon.daemon import ABANDON_TIMEOUT, LISTEN_TIMEOUT, MAIN_LOOP_TICK
+
 NUM_LAYERS = 12
 # about 4.5 s of measuring on one core here: far longer than the short stop timeout, far shorter than the long one
 LONG_PROMPT = RawPrompt("the cat sat on the mat. " * 166)
 SHORT_STOP_TIMEOUT = 0.5  # seconds
 LONG_STOP_TIMEOUT = 120.0  # seconds
-SHUTDOWN_SECONDS = 10.0  # seconds a stopping daemon may take beyond its stop timeout, interpreter exit included
+# seconds a stopping daemon may take beyond its stop timeout: its own bounded steps (the main loop's tick, the
+# released job leaving the model, the listener's next check) and 10 s for the interpreter's exit on a loaded machine
+SHUTDOWN_SECONDS = MAIN_LOOP_TICK + ABANDON_TIMEOUT + 2 * LISTEN_TIMEOUT + 10.0
 
 
 @pytest.fixture(scope="module")
