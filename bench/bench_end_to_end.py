@@ -22,13 +22,13 @@ import psycopg
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
-from icldaemon.daemon import Worker
 from icldaemon.demo import MEMORIES, PROMPTS
 from icldaemon.engine.loading import load_model
 from icldaemon.engine.measure import max_positions, measure
 from icldaemon.engine.prompt import Memory, build_prompt
 from icldaemon.settings import load_settings
 from icldaemon.store import migrate, queue
+from icldaemon.worker import Worker
 
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -49,7 +49,7 @@ def through_the_service(connection, worker: Worker, memory_ids: dict, example: d
     keys = example.pop("memories", [])
     started = time.perf_counter()
     prompt_id = queue.submit(connection, memory_ids=[memory_ids[key] for key in keys], **example)
-    claim = queue.claim(connection, worker.worker_id, worker.lease_seconds)
+    claim = worker.claim(connection)
     if claim is None or claim.prompt_id != prompt_id:
         raise RuntimeError(f"prompt {prompt_id} was submitted but not claimed")
     status = worker.process(connection, claim)

@@ -44,12 +44,14 @@ from sqlalchemy.engine import make_url
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import legacy_layout  # noqa: E402
 
-from icldaemon.daemon import Worker  # noqa: E402
-from icldaemon.engine.result import DYNAMICS_NAMES, Ablation, Measurement, TokenInfo  # noqa: E402
+from icldaemon.columns import DYNAMICS_NAMES  # noqa: E402
+from icldaemon.engine.result import Ablation, Measurement, TokenInfo  # noqa: E402
+from icldaemon.service import Service  # noqa: E402
 from icldaemon.store import migrate, queue, writer  # noqa: E402
 from icldaemon.store.database import create_unpooled_engine_for  # noqa: E402
 from icldaemon.store.partitions import LOG_TABLES, ensure_partitions  # noqa: E402
 from icldaemon.store.queries import load_analytics_queries, load_queries  # noqa: E402
+from icldaemon.worker import Worker  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -437,7 +439,7 @@ def ceiling_part(prompts: int, tokens: int) -> dict:
             _insert_prompts(connection, prompts)
         worker = InstantEngineWorker(url, measurement, worker_id="bench")
         started = time.perf_counter()
-        counts = worker.run_once()
+        counts = Service(worker).run_once()
         seconds = time.perf_counter() - started
         if counts != {"done": prompts}:
             raise RuntimeError(f"the instant engine's prompts ended {dict(counts)}")

@@ -27,9 +27,9 @@ import psycopg
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
+from icldaemon.columns import DYNAMICS_NAMES
 from icldaemon.store import migrate
 from icldaemon.store.writer import (
-    DYNAMICS_NAMES,
     LAYER_COLUMNS,
     LAYERS_COPY,
     TOKEN_COLUMNS,

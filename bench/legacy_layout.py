@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import numpy as np
 import psycopg
 
-from icldaemon.store.writer import DYNAMICS_NAMES, clean_text
+from icldaemon.columns import DYNAMICS_NAMES
+from icldaemon.store.writer import clean_text
 
 REVISION = "0006"  # the last schema revision with this layout
 PER_TOKEN_COLUMNS = ("token_idx", "token_position", "token_text", "segment", "memory_id")

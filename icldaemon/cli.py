@@ -190,23 +190,23 @@ def cmd_run(args, settings: Settings) -> int:
         _check_model_name(settings.model)
 
         from icldaemon.consolidate import ConsolidationSettings
-        from icldaemon.daemon import DaemonSettings, Worker
         from icldaemon.engine.loading import check_measurable, load_configured_model
+        from icldaemon.service import Service
 
         loaded = load_configured_model(settings)
         # before any prompt is claimed: a model the engine cannot measure must not fail the queue's jobs
         get_logger().info("model_checked", model=loaded.name, max_abs_logit_error=check_measurable(loaded))
         processed: list[int] = []  # with --once: the prompts this worker measured or failed, for their run ids
-        worker = Worker.from_settings(url, loaded, DaemonSettings(), worker_id=args.worker_id, stride=args.stride,
-                                      consolidation=ConsolidationSettings(), adapters_dir=settings.adapters_dir,
-                                      on_processed=(lambda prompt_id, status: processed.append(prompt_id))
-                                      if args.once else None)
+        service = Service.from_settings(url, loaded, settings, worker_id=args.worker_id, stride=args.stride,
+                                        consolidation=ConsolidationSettings(), adapters_dir=settings.adapters_dir,
+                                        on_processed=(lambda prompt_id, status: processed.append(prompt_id))
+                                        if args.once else None)
         if args.once:
-            counts = worker.run_once()
+            counts = service.run_once()
             print(", ".join(f"{count} {status}" for status, count in sorted(counts.items())) or "nothing to do")
             _print_runs_of(url, processed)
             return 0
-        return worker.run_forever()
+        return service.run_forever()
 
 
 def _print_runs_of(url: str, prompt_ids: list[int]) -> None:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import psycopg
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -61,7 +60,10 @@ class ConsolidationSettings(BaseSettings):
                                     description="Minutes between consolidations; 0 turns the job off.")
     cron: str | None = Field(default=None, description="A crontab expression (UTC) used instead of the interval, "
                                                        "for example '0 3 * * *'.")
-    scope: Literal["memory", "session", "all"] = Field(default="memory", description="What one adapter covers.")
+    scope: Literal["memory", "session", "all"] = Field(
+        default="memory",
+        description="What one adapter covers: memory (one per memory), session (one per session) or all (one for "
+        "everything).")
     rank: int = Field(default=answers.RANK, ge=1, description="Rank of the LoRA adapters.")
     min_patches: int = Field(default=MIN_PATCHES, ge=2, description="New retrievals a group needs for a new version.")
     ridge: float = Field(default=answers.RIDGE, gt=0, description="Ridge lambda as a share of the mean squared key.")
@@ -215,7 +217,7 @@ class Consolidator:
 
     # --- which groups
 
-    def groups(self, connection: psycopg.Connection, request: ConsolidationRequest) -> list[tuple[str, int, int]]:
+    def groups(self, connection: queue.Connection, request: ConsolidationRequest) -> list[tuple[str, int, int]]:
         """(scope_key, patches, new patches) of every group due for a new version."""
         rows = store.due_groups(connection, self.key, scope=request.scope, scope_key=request.scope_key,
                                 min_patches=request.min_patches)
@@ -223,7 +225,7 @@ class Consolidator:
             raise BadInputError(self._why_not_due(connection, request))
         return rows
 
-    def _why_not_due(self, connection: psycopg.Connection, request: ConsolidationRequest) -> str:
+    def _why_not_due(self, connection: queue.Connection, request: ConsolidationRequest) -> str:
         counted = store.due_groups(connection, self.key, scope=request.scope, scope_key=request.scope_key,
                                    min_patches=0)
         model = f"model {self.loaded.name} (weights {self.loaded.revision or 'unknown'})"
@@ -239,7 +241,7 @@ class Consolidator:
 
     # --- one group
 
-    def _held_out(self, connection: psycopg.Connection, held_out: list[store.StoredAnswerPatch]) -> _HeldOut:
+    def _held_out(self, connection: queue.Connection, held_out: list[store.StoredAnswerPatch]) -> _HeldOut:
         decode = lambda ids: self.loaded.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         relevant, irrelevant, all_words = [], [], set()
         for patch in held_out:
@@ -268,7 +270,7 @@ class Consolidator:
                 irrelevant.append(without_ids)
         return _HeldOut(relevant, irrelevant, frozenset(all_words))
 
-    def consolidate_group(self, connection: psycopg.Connection, request: ConsolidationRequest,
+    def consolidate_group(self, connection: queue.Connection, request: ConsolidationRequest,
                           scope_key: str) -> AdapterRecord:
         patches = store.answer_patches(connection, self.key, scope=request.scope, scope_key=scope_key,
                                        num_layers=self.num_layers, d_model=self.d_model)

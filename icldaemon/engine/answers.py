@@ -36,8 +36,8 @@ from transformers import GenerationConfig, PreTrainedModel
 from icldaemon.engine.adapters import ArchitectureAdapter, adapter_for
 from icldaemon.engine.hooks import Tap, tapped
 from icldaemon.exceptions import BadInputError, NumericalError, UnsupportedArchitectureError
+from icldaemon.settings import ANSWER_TOKENS
 
-ANSWER_TOKENS = 16  # greedy answer tokens recorded per retrieval
 RANK = 4  # rank of the down-projection LoRA
 RIDGE = 0.05  # lambda as a share of the mean squared key norm: scale-free across layers and models
 PRESERVATION = 1.0  # weight of the generic-text rows against the retrieval rows, in total
@@ -420,11 +420,9 @@ def export_lora(model: PreTrainedModel, patch: DownProjectionPatch, directory: P
     adapter = adapter or adapter_for(model)
     _check_supported(adapter)
     names = down_projection_names(model, adapter)
-    conv1d = type(model.get_submodule(names[0])).__name__ == "Conv1D"
-    if not isinstance(model.get_submodule(names[0]), nn.Linear) and not conv1d:
-        raise UnsupportedArchitectureError(f"down projection of type {type(model.get_submodule(names[0])).__name__}")
+    adapter.require_dense(model.get_submodule(names[0]))
     config = LoraConfig(r=patch.rank, lora_alpha=patch.rank, lora_dropout=0.0, target_modules=names,
-                        fan_in_fan_out=conv1d, bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model)
+                        fan_in_fan_out=adapter.fan_in_fan_out, bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model)
     tensors = {}
     for layer_idx, name in enumerate(names):
         tensors[f"base_model.model.{name}.lora_A.weight"] = torch.as_tensor(patch.lora_A[layer_idx]).float()

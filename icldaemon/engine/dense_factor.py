@@ -20,7 +20,7 @@ import weakref
 import torch
 from torch import nn
 
-from icldaemon.engine.adapters import ArchitectureAdapter, dense_weight
+from icldaemon.engine.adapters import ArchitectureAdapter
 
 MEMORY_SHARE = 0.125  # the factors' bytes at most this share of the parameters' bytes
 FACTOR_DTYPE = torch.float32
@@ -32,7 +32,7 @@ def _weights(model: nn.Module, adapter: ArchitectureAdapter) -> list[list[torch.
     """Per block, the first dense layers' weights as [out, in]; None where one is not a plain dense matrix."""
     layers = []
     for block in adapter.blocks(model):
-        weights = [dense_weight(block.get_submodule(path)) for path in adapter.first_dense]
+        weights = [adapter.dense_weight(block.get_submodule(path)) for path in adapter.first_dense]
         if any(weight is None for weight in weights):
             return None
         layers.append(weights)

@@ -20,6 +20,7 @@ import torch
 from transformers import PreTrainedModel
 
 from icldaemon.engine.answers import ANSWER_TOKENS, DownProjectionPatch, applied, greedy_answer, greedy_answers
+from icldaemon.engine.measure import kl_divergence
 from icldaemon.exceptions import BadInputError, NumericalError
 
 Said = Callable[[str], bool]  # whether a decoded answer says the memory's fact
@@ -83,7 +84,7 @@ def _log_probs(model: PreTrainedModel, ids: Sequence[int], positions: slice | li
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) per row, clamped at 0 (rounding can make an exact match slightly negative)."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0)
+    return kl_divergence(log_p, log_q).clamp_min(0)
 
 
 @torch.no_grad()

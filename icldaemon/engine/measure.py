@@ -27,12 +27,13 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from icldaemon.engine.adapters import ArchitectureAdapter, adapter_for, dense_without_bias
+from icldaemon.columns import DYNAMICS_NAMES
+from icldaemon.engine.adapters import ArchitectureAdapter, adapter_for
 from icldaemon.engine.attention import RowBlock, blocked_attention
 from icldaemon.engine.dense_factor import dense_factors
 from icldaemon.engine.hooks import Tap, tapped
 from icldaemon.engine.prompt import SegmentedPrompt
-from icldaemon.engine.result import DYNAMICS_NAMES, Ablation, Measurement, SegmentAttribution, TokenInfo
+from icldaemon.engine.result import Ablation, Measurement, SegmentAttribution, TokenInfo
 from icldaemon.engine.state_space import dual_form
 from icldaemon.exceptions import BadInputError, NumericalError
 
@@ -50,12 +51,6 @@ class _NewToken:
     position: int  # position id
     cache_limit: int  # attends cache keys [0, cache_limit)
     group: int  # attends earlier new tokens of the same group
-
-
-def _sliding_window(config) -> int | None:
-    if not getattr(config, "use_sliding_window", True):
-        return None
-    return getattr(config, "sliding_window", None)
 
 
 def _additive_mask(tokens: list[_NewToken], cache_length: int, window: int | None, dtype, device) -> torch.Tensor:
@@ -76,24 +71,17 @@ def _additive_mask(tokens: list[_NewToken], cache_length: int, window: int | Non
     return mask[None, None]  # [batch, head, new, cache + new]
 
 
-def _attention_mask(model: PreTrainedModel, tokens: list[_NewToken], cache_length: int):
-    """A custom 4D mask; a mapping per attention type where the model mixes full and sliding layers.
-
-    Hybrid models get the full mask as their "linear_attention" mask too: their mixers read each copy's
-    sequence off it (state_space.py).
-    """
-    dtype, device, config = model.dtype, model.device, model.config
-    full = _additive_mask(tokens, cache_length, None, dtype, device)
-    layer_types = getattr(config, "layer_types", None)
-    if adapter_for(model).mixer is not None:
-        return {"full_attention": full, "linear_attention": full}
-    if layer_types:
-        masks = {"full_attention": full}
-        if "sliding_attention" in layer_types:
-            masks["sliding_attention"] = _additive_mask(tokens, cache_length, config.sliding_window, dtype, device)
-        return masks
-    window = _sliding_window(config)
-    return full if window is None else _additive_mask(tokens, cache_length, window, dtype, device)
+def _attention_mask(model: PreTrainedModel, adapter: ArchitectureAdapter, tokens: list[_NewToken],
+                    cache_length: int):
+    """A custom 4D mask; a mapping per attention kind where the model's layers take several (the adapter's)."""
+    dtype, device = model.dtype, model.device
+    by_window: dict[int | None, torch.Tensor] = {}
+    masks = {}
+    for kind, window in adapter.attention_windows(model.config).items():
+        if window not in by_window:
+            by_window[window] = _additive_mask(tokens, cache_length, window, dtype, device)
+        masks[kind] = by_window[window]
+    return masks[None] if None in masks else masks
 
 
 def _crop(cache: DynamicCache, length: int) -> None:
@@ -114,8 +102,9 @@ def _forward(model, input_ids, position_ids, cache, attention_mask=None, logits_
     ).logits[0].to(REDUCTION_DTYPE)
 
 
-def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
-    return float((log_p.exp() * (log_p - log_q)).sum())
+def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last dimension from log-probabilities, per row (may round slightly below 0)."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def _check_finite(name: str, tensor: torch.Tensor, layer_idx: int | None = None) -> None:
@@ -163,6 +152,7 @@ class _PrefixCopies(Tap):
         self.carry: list[tuple | None] = [None] * num_layers
         # u_i . u_j = (R delta_i) . (R delta_j) (dense_factor.py); without factors, u = W delta itself
         self.factors = dense_factors(model, adapter)
+        self.adapter = adapter
         self.dense = [[block.get_submodule(path) for path in adapter.first_dense] for block in adapter.blocks(model)]
 
     def layer_input(self, layer_idx, hidden_states):
@@ -186,7 +176,8 @@ class _PrefixCopies(Tap):
         if self.factors is not None:
             factor = self.factors[layer_idx]
             return (delta.to(factor.dtype) @ factor).to(REDUCTION_DTYPE)
-        return torch.cat([dense_without_bias(module, delta.to(module.weight.dtype)) for module in self.dense[layer_idx]],
+        dense = self.adapter.dense_without_bias
+        return torch.cat([dense(module, delta.to(module.weight.dtype)) for module in self.dense[layer_idx]],
                          dim=-1).to(REDUCTION_DTYPE)
 
     def layer_output(self, layer_idx, hidden_states, state):
@@ -262,7 +253,7 @@ def _prefix_dynamics(model, adapter, prompt, cache, prefixes, chunk_copies) -> d
                 tokens.append(_NewToken(anchor + query_len - 1, anchor, group=-1))
                 token_ids.append(query_ids[-1])
                 hybrid_index.append(len(tokens) - 1)
-            mask = _attention_mask(model, tokens, cache_length)
+            mask = _attention_mask(model, adapter, tokens, cache_length)
             _exclude_sibling_hybrids(mask, cache_length, hybrid_index)
             tap.full_index = torch.tensor(full_index, device=device)
             tap.hybrid_index = torch.tensor(hybrid_index, device=device)
@@ -322,8 +313,8 @@ class _AblationCopies(Tap):
 
     HYBRID, PATCHED = -3, -2
 
-    def __init__(self, full: _RecordQuery, num_layers: int):
-        self.full = full
+    def __init__(self, full: _RecordQuery, adapter: ArchitectureAdapter, num_layers: int):
+        self.full, self.adapter = full, adapter
         self.delta = [None] * num_layers
         self.a_tilde = [None] * num_layers
         self.bias_delta = [None] * num_layers
@@ -347,7 +338,7 @@ class _AblationCopies(Tap):
             a_tilde.to(REDUCTION_DTYPE) @ a_tilde.to(REDUCTION_DTYPE)
         )
         output = output.clone()
-        output[0, self.PATCHED] += (dense_without_bias(module, delta) * coefficient).to(output.dtype)
+        output[0, self.PATCHED] += (self.adapter.dense_without_bias(module, delta) * coefficient).to(output.dtype)
         return output
 
     def layer_output(self, layer_idx, hidden_states, state):
@@ -375,8 +366,8 @@ def _ablate(model, adapter, prompt, full: _RecordQuery, full_log_probs, remove: 
     cache = DynamicCache()
     _forward(model, ids[:-1], torch.arange(prefix_length, device=device), cache)
     tokens = [_NewToken(query_position, prefix_length, group=copy) for copy in range(3)]
-    mask = _attention_mask(model, tokens, prefix_length)
-    tap = _AblationCopies(full, adapter.num_layers(model))
+    mask = _attention_mask(model, adapter, tokens, prefix_length)
+    tap = _AblationCopies(full, adapter, adapter.num_layers(model))
     with tapped(model, adapter, tap):
         logits = _forward(model, ids[-1:].repeat(3), torch.full((3,), query_position, device=device), cache, mask, 3)
     _check_finite("the logits", logits)
@@ -387,9 +378,9 @@ def _ablate(model, adapter, prompt, full: _RecordQuery, full_log_probs, remove: 
         a_tilde=stack(tap.a_tilde),
         bias_delta=stack(tap.bias_delta),
         update_frobenius_norm=np.array(tap.frobenius),
-        kl=_kl(full_log_probs, log_probs[2]),
+        kl=float(kl_divergence(full_log_probs, log_probs[2])),
         max_abs_logit_error=float((logits[1] - full.logits).abs().max()),
-        patched_kl=max(_kl(full_log_probs, log_probs[1]), 0.0),
+        patched_kl=max(float(kl_divergence(full_log_probs, log_probs[1])), 0.0),
     )
 
 

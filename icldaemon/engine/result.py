@@ -11,14 +11,6 @@ import numpy as np
 #    where it has none), so that the context starts at the prompt's first word.
 METHOD_VERSION = 3
 
-DYNAMICS_NAMES = (
-    "delta_norm",
-    "update_frobenius_norm",
-    "marginal_update_norm",
-    "cumulative_update_norm",
-    "implicit_learning_rate",
-    "bias_update_norm",
-)
 
 
 @dataclass

@@ -8,10 +8,8 @@ from psycopg.rows import dict_row
 
 from icldaemon.exceptions import BadInputError, ConsolidationError
 from icldaemon.store.database import translate_errors
-from icldaemon.store.queries import load_queries
+from icldaemon.store.queries import QUERIES
 from icldaemon.store.queue import connection_url
-
-QUERIES = load_queries()
 
 
 @dataclass(frozen=True)

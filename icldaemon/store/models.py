@@ -13,6 +13,7 @@ from sqlalchemy import (
     REAL,
     BigInteger,
     CheckConstraint,
+    Column,
     DateTime,
     Double,
     ForeignKey,
@@ -23,6 +24,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     SmallInteger,
+    Table,
     Text,
     UniqueConstraint,
     Uuid,
@@ -33,6 +35,8 @@ from sqlalchemy import text as sql_text
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from icldaemon.columns import DYNAMICS_NAMES
+
 NAMING_CONVENTION = {
     "pk": "%(table_name)s_pkey",
     "fk": "%(table_name)s_%(column_0_name)s_fkey",
@@ -40,16 +44,6 @@ NAMING_CONVENTION = {
     "ck": "%(table_name)s_%(constraint_name)s_check",
     "ix": "%(table_name)s_%(column_0_N_name)s_idx",
 }
-
-
-DYNAMICS_COLUMNS = (
-    "delta_norm",
-    "update_frobenius_norm",
-    "marginal_update_norm",
-    "cumulative_update_norm",
-    "implicit_learning_rate",
-    "bias_update_norm",
-)
 
 
 class Base(DeclarativeBase):
@@ -140,24 +134,20 @@ class IclDynamicsLayers(Base):
     it is this one: docs/method.md §8. Partitioned by month of created_at, like icl_dynamics_tokens.
     """
 
-    __tablename__ = "icl_dynamics_layers"
-    __table_args__ = (
+    # A table rather than annotated columns, so that its array columns come from the contract.
+    __table__ = Table(
+        "icl_dynamics_layers",
+        Base.metadata,
+        Column("run_id", BigInteger, primary_key=True),
+        Column("layer_idx", Integer, primary_key=True),
+        # the partition key belongs to every unique key of a partitioned table; one run has one time
+        Column("created_at", DateTime(timezone=True), primary_key=True, server_default=func.now()),
+        *(Column(name, ARRAY(REAL), nullable=False) for name in DYNAMICS_NAMES),  # each [context_tokens]
         # A run's rows are found by run_id (the primary key's prefix); times only grow, so a block-range
         # index serves a time range for almost nothing.
         Index("icl_dynamics_layers_created_at_brin", "created_at", postgresql_using="brin"),
-        {"postgresql_partition_by": "RANGE (created_at)"},
+        postgresql_partition_by="RANGE (created_at)",
     )
-
-    run_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    layer_idx: Mapped[int] = mapped_column(primary_key=True)
-    # the partition key belongs to every unique key of a partitioned table; one run has one time
-    created_at: Mapped[datetime.datetime] = mapped_column(primary_key=True, server_default=func.now())
-    delta_norm: Mapped[list[float | None]] = mapped_column(ARRAY(REAL))  # [context_tokens]
-    update_frobenius_norm: Mapped[list[float | None]] = mapped_column(ARRAY(REAL))  # [context_tokens]
-    marginal_update_norm: Mapped[list[float | None]] = mapped_column(ARRAY(REAL))  # [context_tokens]
-    cumulative_update_norm: Mapped[list[float | None]] = mapped_column(ARRAY(REAL))  # [context_tokens]
-    implicit_learning_rate: Mapped[list[float | None]] = mapped_column(ARRAY(REAL))  # [context_tokens]
-    bias_update_norm: Mapped[list[float | None]] = mapped_column(ARRAY(REAL))  # [context_tokens]
 
 
 class IclDynamicsTokens(Base):
@@ -179,7 +169,7 @@ class IclDynamicsTokens(Base):
 
 # The quantities' arrays are stored out of line without compression: float32 measurements do not
 # compress, and trying costs every write (docs/method.md §8). Partitions inherit it.
-for _column in DYNAMICS_COLUMNS:
+for _column in DYNAMICS_NAMES:
     event.listen(IclDynamicsLayers.__table__, "after_create",
                  DDL(f"ALTER TABLE icl_dynamics_layers ALTER COLUMN {_column} SET STORAGE EXTERNAL"))
 
@@ -189,7 +179,7 @@ for _column in DYNAMICS_COLUMNS:
 # one, and the joins sit beside them, so that a filter on any column that is not an array's element
 # (run_id, layer_idx, session_id, model, prompt_id, created_at) is applied before any array is unnested:
 # a run's rows through the primary key, a session's through prompts and measurement_runs.
-ICL_DYNAMICS_LOG_VIEW = """
+ICL_DYNAMICS_LOG_VIEW = f"""
 CREATE VIEW icl_dynamics_log AS
 SELECT layers.run_id,
        runs.prompt_id,
@@ -197,17 +187,12 @@ SELECT layers.run_id,
        runs.prompt_hash,
        runs.model,
        layers.layer_idx,
-       generate_subscripts(layers.delta_norm, 1) - 1 AS token_idx,
+       generate_subscripts(layers.{DYNAMICS_NAMES[0]}, 1) - 1 AS token_idx,
        unnest(tokens.token_position) AS token_position,
        unnest(tokens.token_text) AS token_text,
        unnest(tokens.segment) AS segment,
        unnest(tokens.memory_id) AS memory_id,
-       unnest(layers.delta_norm)::double precision AS delta_norm,
-       unnest(layers.update_frobenius_norm)::double precision AS update_frobenius_norm,
-       unnest(layers.marginal_update_norm)::double precision AS marginal_update_norm,
-       unnest(layers.cumulative_update_norm)::double precision AS cumulative_update_norm,
-       unnest(layers.implicit_learning_rate)::double precision AS implicit_learning_rate,
-       unnest(layers.bias_update_norm)::double precision AS bias_update_norm,
+{"".join(f"       unnest(layers.{name})::double precision AS {name},{chr(10)}" for name in DYNAMICS_NAMES)}\
        layers.created_at
 FROM icl_dynamics_layers AS layers
 LEFT JOIN icl_dynamics_tokens AS tokens ON tokens.run_id = layers.run_id AND tokens.created_at = layers.created_at

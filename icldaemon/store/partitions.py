@@ -15,13 +15,11 @@ from sqlalchemy.engine import Connection
 
 from icldaemon.exceptions import ConfigurationError
 from icldaemon.store.database import translate_errors
-from icldaemon.store.queries import load_queries
+from icldaemon.store.queries import QUERIES
 
 DEFAULT_MONTHS_AHEAD = 2  # months after the current one
 LOG_TABLES = ("icl_dynamics_layers", "icl_dynamics_tokens")  # read together through the view icl_dynamics_log
 MONTHLY_PARTITION = re.compile(rf"^(?P<table>{'|'.join(LOG_TABLES)})_y(?P<year>\d{{4}})m(?P<month>\d{{2}})$")
-
-QUERIES = load_queries()
 
 
 def month_start(day: datetime.date, months_later: int = 0) -> datetime.datetime:

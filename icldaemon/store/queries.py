@@ -9,15 +9,18 @@ Each query in a file starts with a header line and a one-line description (not s
 Values are always bound parameters (`%(name)s`). A query that needs an identifier (a partition's
 name) writes `{name}` and is composed with `psycopg.sql.SQL(...).format(name=psycopg.sql.Identifier(...))`.
 
-The analytics queries for people (the repository's `sql/`, shipped as `icldaemon/sql/analytics`) are
+The package's queries are loaded once per process into `QUERIES`, which every module of the store
+reads. The analytics queries for people (the repository's `sql/`, shipped as `icldaemon/sql/analytics`) are
 written for psql instead, with psql variables (`:'model'` a quoted value, `:run_id` a bare one), so
 that `psql -v model=... -f sql/saturation.sql` runs them as written; `load_analytics_queries` turns
 them into the same bound parameters for Python.
 """
 
 import re
+from collections.abc import Mapping
 from importlib import resources
 from importlib.resources.abc import Traversable
+from types import MappingProxyType
 
 from icldaemon.exceptions import ConfigurationError
 
@@ -126,3 +129,6 @@ def load_analytics_queries(directory: Traversable | None = None) -> dict[str, tu
     if directory is None:
         directory = resources.files(SQL_PACKAGE).joinpath(ANALYTICS_DIRECTORY)
     return {name: psql_to_psycopg(sql) for name, sql in load_queries(directory).items()}
+
+
+QUERIES: Mapping[str, str] = MappingProxyType(load_queries())  # the package's queries: one set for the process

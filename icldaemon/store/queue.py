@@ -4,6 +4,7 @@ A claim is held by (worker_id, attempts): a prompt re-claimed after its lease ex
 attempt count, so the first holder's late updates (renew, fail, complete) match no row and change nothing.
 """
 
+import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -12,14 +13,10 @@ import psycopg
 from psycopg.rows import dict_row
 from sqlalchemy.engine import make_url
 
+from icldaemon.exceptions import DatabaseError
+from icldaemon.settings import BACKOFF_SECONDS, LEASE_SECONDS, MAX_ATTEMPTS
 from icldaemon.store.database import translate_errors
-from icldaemon.store.queries import load_queries
-
-LEASE_SECONDS = 60.0  # seconds a claim is held without a heartbeat
-MAX_ATTEMPTS = 3  # attempts before a prompt is failed for good
-BACKOFF_SECONDS = 10.0  # seconds before the second attempt; doubles with each further one
-
-QUERIES = load_queries()
+from icldaemon.store.queries import QUERIES
 
 
 @dataclass(frozen=True)
@@ -45,6 +42,12 @@ class Retrieval:
     content: str | None
 
 
+Connection = psycopg.Connection
+# What using a connection can raise: the store's own translation, and psycopg's where a connection's
+# context manager commits or closes on the way out (a server gone by then).
+DATABASE_ERRORS: tuple[type[Exception], ...] = (DatabaseError, psycopg.Error)
+
+
 def driver_url(url: str) -> str:
     """The libpq URL psycopg.connect takes, from a postgresql:// or postgresql+psycopg:// URL."""
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
@@ -53,6 +56,20 @@ def driver_url(url: str) -> str:
 def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
     with translate_errors(url, "connecting"):
         return psycopg.connect(driver_url(url), autocommit=autocommit)
+
+
+def close_quietly(connection: psycopg.Connection | None) -> None:
+    """Close a connection that may already be broken; returns None for the caller's variable."""
+    if connection is not None:
+        with contextlib.suppress(psycopg.Error):
+            connection.close()
+    return None
+
+
+def wait_for_notification(connection: psycopg.Connection, timeout: float) -> bool:
+    """Whether a notification arrived on a listening connection within `timeout` seconds."""
+    with translate_errors(connection_url(connection), "waiting for notifications"):
+        return any(True for _notify in connection.notifies(timeout=timeout, stop_after=1))
 
 
 def connection_url(connection: psycopg.Connection) -> str:
@@ -106,8 +123,13 @@ def fail(
 ) -> str | None:
     """Record a failed attempt: 'queued' again after a backoff while attempts remain and `retry`, else 'failed'.
 
-    Returns the new status, or None when this worker no longer held the prompt.
+    Returns the new status, or None when this worker no longer held the prompt. Whatever transaction the
+    failed attempt left open is rolled back first; a connection lost with the server cannot even roll back,
+    and the DatabaseError sends the caller to reconnect while the prompt's lease runs out.
     """
+    with translate_errors(connection_url(connection), f"rolling back prompt {claim.prompt_id}"):
+        if connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            connection.rollback()
     if retry and claim.attempts < max_attempts:
         parameters = {**claim.key, "error": error, "backoff_seconds": backoff_seconds(claim.attempts,
                                                                                      backoff_base_seconds)}

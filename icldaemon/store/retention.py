@@ -13,11 +13,9 @@ import datetime
 from sqlalchemy.engine import Connection
 
 from icldaemon.exceptions import ConfigurationError
-from icldaemon.store.database import translate_errors
-from icldaemon.store.partitions import MONTHLY_PARTITION, month_start
-from icldaemon.store.queries import load_queries
-
-QUERIES = load_queries()
+from icldaemon.store.database import create_unpooled_engine_for, translate_errors
+from icldaemon.store.partitions import MONTHLY_PARTITION, ensure_partitions, month_start
+from icldaemon.store.queries import QUERIES
 
 
 def expired_partitions(names: list[str], retention_days: float, now: datetime.datetime) -> list[str]:
@@ -54,3 +52,16 @@ def drop_expired_partitions(
             conn.exec_driver_sql(QUERIES["drop_icl_dynamics_log_partition"],
                                  {"partition": name, "retention_days": float(retention_days)})
     return expired
+
+
+def maintain_partitions(url: str, retention_days: float | None) -> tuple[list[str], list[str]]:
+    """The log's partitions kept ahead and, with a retention, the expired ones dropped, in one transaction:
+    (created, dropped)."""
+    engine = create_unpooled_engine_for(url)
+    try:
+        with engine.begin() as connection:
+            created = ensure_partitions(connection)
+            dropped = drop_expired_partitions(connection, retention_days) if retention_days else []
+    finally:
+        engine.dispose()
+    return created, dropped

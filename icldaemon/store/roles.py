@@ -26,7 +26,7 @@ import psycopg
 from psycopg import sql
 
 from icldaemon.store.database import translate_errors
-from icldaemon.store.queries import load_queries
+from icldaemon.store.queries import QUERIES
 from icldaemon.store.queue import connect, connection_url
 
 WRITER_ROLE = "icldaemon_writer"
@@ -34,7 +34,6 @@ READER_ROLE = "icldaemon_reader"
 SUBMITTER_ROLE = "icldaemon_submitter"
 TEXT_READER_ROLE = "icldaemon_text_reader"
 
-QUERIES = load_queries()
 
 _WRITER_GRANTS = ("grant_writer_schema", "grant_writer_functions", "grant_writer_tables",
                   "revoke_writer_schema_version", "grant_writer_future_tables")

@@ -1,4 +1,4 @@
-"""Reading one measurement run back from the database: its per-layer, per-token dynamics as arrays."""
+"""Reading measurements back: one run's per-layer, per-token dynamics as arrays; a session's summary."""
 
 import datetime
 from dataclasses import dataclass
@@ -7,13 +7,11 @@ import numpy as np
 import psycopg
 from psycopg.rows import dict_row
 
+from icldaemon.columns import DYNAMICS_NAMES
 from icldaemon.exceptions import BadInputError
 from icldaemon.store.database import translate_errors
-from icldaemon.store.queries import load_queries
+from icldaemon.store.queries import QUERIES
 from icldaemon.store.queue import connection_url
-from icldaemon.store.writer import DYNAMICS_NAMES
-
-QUERIES = load_queries()
 
 
 @dataclass(frozen=True)
@@ -60,3 +58,26 @@ def load_run(connection: psycopg.Connection, run_id: int) -> RunDynamics:
         stride=run["stride"], max_abs_logit_error=run["max_abs_logit_error"], created_at=run["created_at"],
         tokens=[tokens[index] for index in sorted(tokens)], dynamics=dynamics,
     )
+
+
+@dataclass
+class SessionReport:
+    """What one session's measured prompts show, as the demo prints it (queries in sql/results.sql)."""
+
+    # (prompt_id, kind, context_tokens, num_layers, max_abs_logit_error, exactness_kl, context_kl, measure_s)
+    prompts: list[tuple]
+    # (memory_id, key, runs, mean_kl, mean_update_norm, mean_bias_update_norm), largest mean KL first
+    memories: list[tuple]
+    # (layer_idx, final_update_norm, final_bias_update_norm): the mean after the whole context
+    layers: list[tuple]
+
+
+def session_report(connection: psycopg.Connection, session_id) -> SessionReport:
+    parameters = {"session_id": session_id}
+    with translate_errors(connection_url(connection), f"reading session {session_id}'s results"), \
+            connection.transaction():
+        return SessionReport(
+            prompts=connection.execute(QUERIES["session_prompt_exactness"], parameters).fetchall(),
+            memories=connection.execute(QUERIES["session_memory_effects"], parameters).fetchall(),
+            layers=connection.execute(QUERIES["session_final_update_norm_by_layer"], parameters).fetchall(),
+        )

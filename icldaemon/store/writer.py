@@ -17,22 +17,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import psycopg
 
+from icldaemon.columns import DYNAMICS_NAMES
 from icldaemon.store import queue
 from icldaemon.store.database import translate_errors
-from icldaemon.store.queries import load_queries
+from icldaemon.store.queries import QUERIES
 
 if TYPE_CHECKING:
     from icldaemon.engine.answers import AnswerPatch
     from icldaemon.engine.result import Measurement
 
-DYNAMICS_NAMES = (
-    "delta_norm",
-    "update_frobenius_norm",
-    "marginal_update_norm",
-    "cumulative_update_norm",
-    "implicit_learning_rate",
-    "bias_update_norm",
-)
 LAYER_COLUMNS = ("run_id", "layer_idx", *DYNAMICS_NAMES)
 TOKEN_COLUMNS = ("run_id", "token_position", "token_text", "segment", "memory_id")
 LAYERS_COPY = f"COPY icl_dynamics_layers ({', '.join(LAYER_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
@@ -53,8 +46,6 @@ _INT4_ELEMENTS = np.dtype([("length", ">i4"), ("value", ">i4")])
 _INT8_ELEMENTS = np.dtype([("length", ">i4"), ("value", ">i8")])
 _RUN_ID_FIELD = struct.Struct(">hiq")  # a row's field count, then the run id's length and value
 REPLACEMENT = "\ufffd"
-
-QUERIES = load_queries()
 
 
 @dataclass(frozen=True)

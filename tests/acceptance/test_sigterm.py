@@ -8,7 +8,7 @@ import pytest
 from daemon_fixtures import save_tiny_model  # on the path through conftest.py
 from daemon_processes import STARTUP_TIMEOUT, Daemon, RawPrompt, assert_each_measured_exactly_once, insert_prompts
 
-from icldaemon.daemon import ABANDON_TIMEOUT, LISTEN_TIMEOUT, MAIN_LOOP_TICK
+from icldaemon.service import ABANDON_TIMEOUT, LISTEN_TIMEOUT, MAIN_LOOP_TICK
 
 NUM_LAYERS = 12
 # about 4.5 s of measuring on one core here: far longer than the short stop timeout, far shorter than the long one

@@ -17,8 +17,9 @@ from daemon_fixtures import save_tiny_model
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
-from icldaemon.daemon import Worker
 from icldaemon.engine.loading import load_model
+from icldaemon.service import Service
+from icldaemon.worker import Worker
 
 MEMORIES = {
     "pet": "The user has a grey cat called Miso.",
@@ -72,11 +73,11 @@ def populate(url: str, tiny) -> MeasuredDatabase:
         measured.failed_prompt_id = connection.execute(
             "INSERT INTO prompts (messages, session_id) VALUES ('{\"role\": \"user\"}', %s) RETURNING id",
             (sessions["evening"],)).fetchone()[0]
-    Worker(url, tiny, worker_id="analytics").run_once()
+    Service(Worker(url, tiny, worker_id="analytics")).run_once()
     with psycopg.connect(url) as connection:
         strided = _submit(connection, session_id=sessions["evening"], memory_ids=[memory_ids["job"]],
                           messages=[{"role": "user", "content": "Tell me about my work, please."}])
-    Worker(url, tiny, worker_id="analytics-strided", stride=STRIDED).run_once()
+    Service(Worker(url, tiny, worker_id="analytics-strided", stride=STRIDED)).run_once()
     measured.prompt_ids.append(strided)
     measured.model = tiny.name
     return measured

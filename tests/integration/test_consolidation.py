@@ -17,11 +17,12 @@ from daemon_fixtures import save_tiny_model
 
 from icldaemon.consolidate import ConsolidationRequest, Consolidator, QualityGate
 from icldaemon.data import load_neutral
-from icldaemon.daemon import Worker
-from icldaemon.engine.loading import load_model
 from icldaemon.engine.edit_figures import AnswerFigures, Leak, Specificity
+from icldaemon.engine.loading import load_model
 from icldaemon.engine.prompt import Memory, build_prompt
 from icldaemon.exceptions import BadInputError, ConsolidationError
+from icldaemon.service import Service
+from icldaemon.worker import Worker
 
 FACT = "The user's locker code is 4-7-1-9."
 QUESTIONS = [
@@ -57,7 +58,7 @@ def measure_questions(url, tiny, questions, others) -> int:
             messages = [{"role": "user", "content": question}]
             connection.execute("SELECT icl_submit(%s::jsonb, %s::bigint[])",
                                (json.dumps(messages), [fact_id[0], other_id]))
-    counts = Worker(url, tiny, worker_id="test").run_once()
+    counts = Service(Worker(url, tiny, worker_id="test")).run_once()
     assert counts == {"done": len(questions)}
     return fact_id[0]
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 from daemon_fixtures import MAX_POSITIONS, save_tiny_model
 
-from icldaemon.daemon import Worker
 from icldaemon.engine.answers import ANSWER_TOKENS, answer_patch
 from icldaemon.engine.loading import load_model
 from icldaemon.engine.prompt import Memory, build_prompt
+from icldaemon.service import Service
+from icldaemon.worker import Worker
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,8 @@ def test_run_once_measures_good_prompts_and_fails_bad_ones_by_name(database_url,
         }
     processed = []
 
-    counts = Worker(database_url, tiny, worker_id="test", on_processed=lambda *args: processed.append(args)).run_once()
+    service = Service(Worker(database_url, tiny, worker_id="test"), on_processed=lambda *args: processed.append(args))
+    counts = service.run_once()
 
     assert counts == {"done": 2, "failed": 4}
     assert sorted(prompt_id for prompt_id, _ in processed) == sorted([*good.values(), *bad.values()])
@@ -117,18 +119,45 @@ def test_run_once_measures_good_prompts_and_fails_bad_ones_by_name(database_url,
         assert error < 1e-4
 
 
+def test_the_worker_alone_claims_measures_and_writes_one_prompt_at_a_time(database_url, tiny):
+    import threading
+
+    from icldaemon.store import queue
+
+    with psycopg.connect(database_url) as connection:
+        first = insert(connection, text="cheese => fromage\nwater =>", priority=1)
+        second = insert(connection, text="bread => pain\nsea =>")
+    worker = Worker(database_url, tiny, worker_id="alone")
+    before = set(threading.enumerate())
+
+    with queue.connect(database_url) as connection:
+        statuses = [worker.run_next(connection) for _ in range(3)]
+
+    assert statuses == ["done", "done", None]
+    assert set(threading.enumerate()) == before  # no thread of its own left behind (the heartbeats are joined)
+    with psycopg.connect(database_url) as connection:
+        runs = connection.execute("SELECT prompt_id, context_tokens FROM measurement_runs ORDER BY id").fetchall()
+        logged = connection.execute("SELECT run_id, count(*) FROM icl_dynamics_log GROUP BY run_id ORDER BY run_id"
+                                    ).fetchall()
+        statuses = connection.execute("SELECT status, attempts FROM prompts ORDER BY id").fetchall()
+    assert [prompt_id for prompt_id, _ in runs] == [first, second]  # by priority
+    layers = tiny.model.config.num_hidden_layers
+    assert [count for _, count in logged] == [layers * context for _, context in runs]
+    assert statuses == [("done", 1), ("done", 1)]
+
+
 def test_a_failed_job_is_retried_and_the_error_kept(database_url, tiny, monkeypatch):
     with psycopg.connect(database_url) as connection:
         prompt_id = insert(connection, text="one two three four")
-    worker = Worker(database_url, tiny, worker_id="test", max_attempts=2, backoff_seconds=0.0)
+    service = Service(Worker(database_url, tiny, worker_id="test", max_attempts=2, backoff_seconds=0.0))
     calls = []
 
     def flaky(*args, **kwargs):
         calls.append(1)
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr("icldaemon.daemon.measure", flaky)
-    counts = worker.run_once()
+    monkeypatch.setattr("icldaemon.worker.measure", flaky)
+    counts = service.run_once()
 
     assert counts == {"queued": 1, "failed": 1} and len(calls) == 2
     with psycopg.connect(database_url) as connection:
@@ -137,8 +166,8 @@ def test_a_failed_job_is_retried_and_the_error_kept(database_url, tiny, monkeypa
 
 
 def test_the_lease_heartbeat_reconnects_after_its_connection_is_cut(database_url):
-    from icldaemon.daemon import _Heartbeat
     from icldaemon.store import queue
+    from icldaemon.worker import Heartbeat
 
     with psycopg.connect(database_url, autocommit=True) as observer:
         insert(observer, text="a long job")
@@ -151,7 +180,7 @@ def test_the_lease_heartbeat_reconnects_after_its_connection_is_cut(database_url
             return observer.execute("SELECT lease_expires_at FROM prompts WHERE id = %s",
                                     (claim.prompt_id,)).fetchone()[0]
 
-        with _Heartbeat(database_url, claim, lease_seconds=0.9) as heartbeat:
+        with Heartbeat(database_url, claim, lease_seconds=0.9) as heartbeat:
             wait_until(lambda: heartbeat.renewals >= 1)
             heartbeat_pids = [row[0] for row in observer.execute(
                 "SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
@@ -173,9 +202,9 @@ def test_run_forever_exits_1_when_the_worker_thread_fails_outside_a_job(database
     def broken_callback(processed_id: int, status: str) -> None:
         raise RuntimeError(f"callback broke after prompt {processed_id}")
 
-    worker = Worker(database_url, tiny, worker_id="test", poll_interval=0.2, stop_timeout=2.0,
-                    on_processed=broken_callback)
-    assert worker.run_forever() == 1
+    service = Service(Worker(database_url, tiny, worker_id="test"), poll_interval=0.2, stop_timeout=2.0,
+                      on_processed=broken_callback)
+    assert service.run_forever() == 1
     with psycopg.connect(database_url) as connection:
         assert connection.execute("SELECT status FROM prompts WHERE id = %s", (prompt_id,)).fetchone() == ("done",)
 
@@ -229,7 +258,7 @@ def test_a_prompt_is_written_while_the_next_is_measured_and_at_most_one_waits(da
     # writes slower than measuring: the worker runs ahead until one prompt waits for the writer
     worker = TimedWorker(database_url, tiny, worker_id="test", measure_seconds=0.1, write_seconds=0.6)
 
-    counts = worker.run_once()
+    counts = Service(worker).run_once()
 
     assert counts == {"done": 6}
     measured = [worker.measured[index] for index in range(6)]  # in claim order: prompt_ids, by priority
@@ -252,9 +281,9 @@ def test_a_waiting_prompt_keeps_its_lease_until_its_transaction_commits(database
     # every prompt waits for the writer far longer than its lease: only the heartbeat keeps it
     worker = TimedWorker(database_url, tiny, worker_id="test", lease_seconds=0.6, measure_seconds=0.0,
                          write_seconds=1.5)
-    rival = Worker(database_url, tiny, worker_id="rival")
+    rival = Service(Worker(database_url, tiny, worker_id="rival"))
 
-    counts = worker.run_once()
+    counts = Service(worker).run_once()
     rival_counts = rival.run_once()
 
     assert counts == {"done": 4} and rival_counts == {}
@@ -277,7 +306,7 @@ def test_a_write_that_fails_puts_its_prompt_back_and_the_others_are_written(data
         return original(connection, claim, prepared)
 
     monkeypatch.setattr("icldaemon.store.writer.write", failing_once)
-    counts = Worker(database_url, tiny, worker_id="test", backoff_seconds=0.0).run_once()
+    counts = Service(Worker(database_url, tiny, worker_id="test", backoff_seconds=0.0)).run_once()
 
     assert counts == {"queued": 1, "done": 3}
     assert calls.count(prompt_ids[0]) == 2

@@ -17,11 +17,12 @@ from daemon_fixtures import byte_tokenizer
 from safetensors.torch import load_file
 from test_engine_families import slow_decay
 
+from icldaemon.columns import DYNAMICS_NAMES
 from icldaemon.consolidate import ConsolidationRequest, Consolidator
-from icldaemon.daemon import Worker
 from icldaemon.engine import answers
 from icldaemon.engine.loading import load_model
-from icldaemon.engine.result import DYNAMICS_NAMES
+from icldaemon.service import Service
+from icldaemon.worker import Worker
 
 HYBRID_CHECK = 1e-4  # docs/method.md §8
 FACT = "The user's locker code is 4-7-1-9."
@@ -90,7 +91,7 @@ def test_the_daemon_stores_a_hybrid_run_and_its_memory_consolidates_into_a_peft_
                                           (other,)).fetchone()[0]
             connection.execute("SELECT icl_submit(%s::jsonb, %s::bigint[])",
                                (json.dumps([{"role": "user", "content": question}]), [fact_id, other_id]))
-    assert Worker(database_url, falcon, worker_id="test").run_once() == {"done": len(QUESTIONS)}
+    assert Service(Worker(database_url, falcon, worker_id="test")).run_once() == {"done": len(QUESTIONS)}
     with psycopg.connect(database_url) as connection:
         runs = connection.execute("SELECT num_layers, max_abs_logit_error FROM measurement_runs").fetchall()
         effects = connection.execute("SELECT max(max_abs_logit_error), count(*) FROM memory_effects").fetchone()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import transformers
 
-from icldaemon.engine.result import DYNAMICS_NAMES
+from icldaemon.columns import DYNAMICS_NAMES
 
 
 @pytest.fixture(scope="module")

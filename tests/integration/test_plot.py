@@ -11,12 +11,13 @@ import pytest
 from analytics_fixtures import load_tiny
 from daemon_fixtures import MAX_POSITIONS
 
-from icldaemon.daemon import Worker
+from icldaemon.columns import DYNAMICS_NAMES
 from icldaemon.engine.measure import measure
 from icldaemon.engine.prompt import Memory, build_prompt
 from icldaemon.plots import DPI, FIGURE_SIZE, plot_run, segment_boundaries
+from icldaemon.service import Service
 from icldaemon.store.runs import load_run
-from icldaemon.store.writer import DYNAMICS_NAMES
+from icldaemon.worker import Worker
 
 MEMORY = "The user has a grey cat called Miso."
 CHAT = [{"role": "user", "content": "What is my cat called?"}]
@@ -33,7 +34,7 @@ def measured_run(url: str, tiny) -> tuple[int, int]:
                                        (MEMORY,)).fetchone()[0]
         connection.execute("SELECT icl_submit(%s::jsonb, ARRAY[%s]::bigint[])",
                            (psycopg.types.json.Jsonb(CHAT), memory_id))
-    Worker(url, tiny, worker_id="plot").run_once()
+    Service(Worker(url, tiny, worker_id="plot")).run_once()
     with psycopg.connect(url) as connection:
         return connection.execute("SELECT id FROM measurement_runs").fetchone()[0], memory_id
 

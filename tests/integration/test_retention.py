@@ -7,7 +7,8 @@ import pydantic
 import pytest
 from analytics_fixtures import load_tiny
 
-from icldaemon.daemon import DaemonSettings, Worker
+from icldaemon.service import Service
+from icldaemon.settings import Settings
 from icldaemon.store.database import create_unpooled_engine_for
 from icldaemon.store.partitions import ensure_partitions, partition_name
 from icldaemon.store.retention import drop_expired_partitions, expired_partitions
@@ -84,11 +85,11 @@ def test_the_daemons_partition_maintenance_applies_the_retention(database_url, t
     monkeypatch.setenv("ICLD_RETENTION_DAYS", "90")
     tiny = load_tiny(tmp_path / "tiny-llama", tmp_path / "models")
 
-    worker = Worker.from_settings(database_url, tiny, DaemonSettings(), worker_id="retention")
-    worker.maintain_partitions()
+    service = Service.from_settings(database_url, tiny, Settings(), worker_id="retention")
+    service.maintain_partitions()
 
     this_month = datetime.datetime.now(datetime.UTC).date()
-    assert worker.retention_days == 90
+    assert service.retention_days == 90
     for table in ("icl_dynamics_layers", "icl_dynamics_tokens"):
         assert partition_name(table, long_ago) not in partitions(database_url, table)
         assert partition_name(table, this_month) in partitions(database_url, table)
@@ -100,4 +101,4 @@ def test_a_retention_that_is_not_a_positive_number_of_days_is_refused(monkeypatc
     monkeypatch.setenv("ICLD_RETENTION_DAYS", days)
 
     with pytest.raises(pydantic.ValidationError, match="retention_days"):
-        DaemonSettings()
+        Settings()

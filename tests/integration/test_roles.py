@@ -15,11 +15,12 @@ import pytest
 from analytics_fixtures import load_tiny
 from sqlalchemy.engine import make_url
 
-from icldaemon.daemon import Worker
+from icldaemon.service import Service
 from icldaemon.store import migrate
 from icldaemon.store.database import create_unpooled_engine_for
 from icldaemon.store.partitions import ensure_partitions, partition_name
 from icldaemon.store.roles import READER_ROLE, SUBMITTER_ROLE, TEXT_READER_ROLE, WRITER_ROLE, ensure_roles
+from icldaemon.worker import Worker
 
 
 def as_role(url: str, role: str) -> str:
@@ -84,9 +85,9 @@ def test_the_writer_measures_and_keeps_partitions_but_changes_no_other_table(dat
             ensure_partitions(connection, 0, today=datetime.date(2024, 5, 1))
     finally:
         engine.dispose()
-    worker = Worker(writer_url, tiny, worker_id="writer", retention_days=90)
-    counts = worker.run_once()
-    worker.maintain_partitions()
+    service = Service(Worker(writer_url, tiny, worker_id="writer"), retention_days=90)
+    counts = service.run_once()
+    service.maintain_partitions()
 
     assert counts == {"done": 1}
     with psycopg.connect(database_url) as connection:

@@ -5,8 +5,9 @@ import json
 import psycopg
 from daemon_fixtures import save_tiny_model
 
-from icldaemon.daemon import Worker
 from icldaemon.engine.loading import load_model
+from icldaemon.service import Service
+from icldaemon.worker import Worker
 
 
 def test_a_chat_of_empty_messages_fails_by_name(database_url, tmp_path):
@@ -15,7 +16,7 @@ def test_a_chat_of_empty_messages_fails_by_name(database_url, tmp_path):
                                        (json.dumps([{"role": "user", "content": ""}]),)).fetchone()[0]
     tiny = load_model(str(save_tiny_model(tmp_path / "tiny-llama")), models_dir=tmp_path / "models", device="cpu")
 
-    counts = Worker(database_url, tiny, worker_id="test", max_attempts=1).run_once()
+    counts = Service(Worker(database_url, tiny, worker_id="test", max_attempts=1)).run_once()
 
     with psycopg.connect(database_url) as connection:
         last_error = connection.execute("SELECT last_error FROM prompts").fetchone()[0]

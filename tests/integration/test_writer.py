@@ -7,7 +7,8 @@ import numpy as np
 import psycopg
 import pytest
 
-from icldaemon.engine.result import DYNAMICS_NAMES, Ablation, Measurement, SegmentAttribution, TokenInfo
+from icldaemon.columns import DYNAMICS_NAMES
+from icldaemon.engine.result import Ablation, Measurement, SegmentAttribution, TokenInfo
 from icldaemon.exceptions import DatabaseError
 from icldaemon.store import queue, writer
 

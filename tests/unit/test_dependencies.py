@@ -71,7 +71,7 @@ def test_the_service_runs_without_its_extras():
         "import importlib.util\n"
         "importlib.util.find_spec = lambda name, package=None: None if name.split('.')[0] in "
         "{'pgserver', 'gguf', 'matplotlib'} else _find(name, package)\n"
-        "import icldaemon.daemon, icldaemon.cli, icldaemon.store.database, icldaemon.engine.loading\n"
+        "import icldaemon.service, icldaemon.worker, icldaemon.cli, icldaemon.store.database, icldaemon.engine.loading\n"
         "from icldaemon.extras import require\n"
         "try:\n"
         "    require('pgserver')\n"
