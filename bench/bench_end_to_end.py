@@ -23,8 +23,9 @@ from psycopg import sql
 from sqlalchemy.engine import make_url
 
 from icldaemon.demo import MEMORIES, PROMPTS
+from icldaemon.engine.adapters import max_positions
 from icldaemon.engine.loading import load_model
-from icldaemon.engine.measure import max_positions, measure
+from icldaemon.engine.measure import measure
 from icldaemon.engine.prompt import Memory, build_prompt
 from icldaemon.settings import load_settings
 from icldaemon.store import migrate, queue

@@ -189,8 +189,9 @@ def _long_prompt(tokenizer, tokens: int, offset: int):
 def real_measurements(prompts: int, tokens: int) -> dict:
     """The bundled model's measurements of `prompts` long prompts and of the demo's prompts, with the long ones' time."""
     from icldaemon.demo import MEMORIES, PROMPTS
+    from icldaemon.engine.adapters import max_positions
     from icldaemon.engine.loading import load_model
-    from icldaemon.engine.measure import max_positions, measure
+    from icldaemon.engine.measure import measure
     from icldaemon.engine.prompt import Memory, build_prompt
     from icldaemon.settings import load_settings
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from icldaemon.engine.measure import max_positions
+from icldaemon.engine.adapters import max_positions
 from icldaemon.engine.prompt import Memory, SegmentedPrompt, build_prompt
 from icldaemon.exceptions import BadInputError
 from icldaemon.store import queue, writer

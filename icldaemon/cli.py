@@ -93,8 +93,9 @@ def cmd_measure(args, settings: Settings) -> int:
         require("matplotlib")
     _check_model_name(args.model or settings.model)
 
+    from icldaemon.engine.adapters import max_positions
     from icldaemon.engine.loading import load_configured_model
-    from icldaemon.engine.measure import max_positions, measure
+    from icldaemon.engine.measure import measure
     from icldaemon.engine.prompt import build_prompt
     from icldaemon.report import summary_lines
 
@@ -493,9 +494,9 @@ def cmd_generate(args, settings: Settings) -> int:
 
     from peft import PeftModel
 
+    from icldaemon.engine.adapters import max_positions
     from icldaemon.engine.answers import greedy_answer, stop_token_ids
     from icldaemon.engine.loading import load_configured_model
-    from icldaemon.engine.measure import max_positions
     from icldaemon.engine.prompt import Memory, build_prompt
 
     loaded = load_configured_model(settings)

@@ -282,3 +282,13 @@ def adapter_for(model: nn.Module) -> ArchitectureAdapter:
         f"architecture {', '.join(names)} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
     )
 
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest prompt the model's position embeddings cover, by the name its family's config gives it."""
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):  # GPT-2: n_positions
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from icldaemon.engine.adapters import max_positions
 from icldaemon.engine.answers import DownProjectionPatch, down_projection_names
-from icldaemon.engine.measure import max_positions
 from icldaemon.exceptions import BadInputError, NumericalError
 
 STEPS = 125  # AdamW steps, each over every example (full batch)

@@ -28,7 +28,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from icldaemon.columns import DYNAMICS_NAMES
-from icldaemon.engine.adapters import ArchitectureAdapter, adapter_for
+from icldaemon.engine.adapters import ArchitectureAdapter, adapter_for, max_positions
 from icldaemon.engine.attention import RowBlock, blocked_attention
 from icldaemon.engine.dense_factor import dense_factors
 from icldaemon.engine.hooks import Tap, tapped
@@ -385,15 +385,6 @@ def _ablate(model, adapter, prompt, full: _RecordQuery, full_log_probs, remove: 
 
 
 # ---- the measurement -------------------------------------------------------------------------------
-
-
-def max_positions(model: PreTrainedModel) -> int | None:
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
 
 
 @torch.no_grad()
