@@ -4,6 +4,7 @@ The service's defaults live here (the queue and the engine take theirs from this
 README's configuration table is generated from these models (`python -m icldaemon.settings_table`).
 """
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -11,7 +12,10 @@ import platformdirs
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_DATA_DIR = Path(platformdirs.user_data_dir("icldaemon"))
+# root's is a system service's: a home directory of mode 0700 would keep the embedded PostgreSQL's
+# system user out (store/embedded_root.py)
+ROOT_DATA_DIR = Path("/var/lib/icldaemon")
+DEFAULT_DATA_DIR = ROOT_DATA_DIR if os.geteuid() == 0 else Path(platformdirs.user_data_dir("icldaemon"))
 ENV_PREFIX = "ICLD_"
 DATABASE_URL_VARIABLE = f"{ENV_PREFIX}DATABASE_URL"
 
@@ -56,7 +60,8 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         default=DEFAULT_DATA_DIR,
         description="Where the embedded database, the converted default model and adapters are kept.",
-        json_schema_extra={"shown_default": "the user data directory (`~/.local/share/icldaemon` on Linux)"},
+        json_schema_extra={"shown_default": "the user data directory (`~/.local/share/icldaemon` on Linux); "
+                                             "`/var/lib/icldaemon` for root"},
     )
     log_format: Literal["json", "console", "auto"] = Field(
         default="auto", description="json lines, readable console output, or auto (console on a terminal)."

@@ -1,6 +1,7 @@
 """Connecting to PostgreSQL: URLs, engines, the embedded server, and driver errors translated at the boundary."""
 
 import contextlib
+import os
 import shutil
 import subprocess
 import warnings
@@ -17,6 +18,7 @@ from icldaemon.exceptions import ConfigurationError, DatabaseError
 from icldaemon.extras import require
 from icldaemon.logs import get_logger
 from icldaemon.settings import DATABASE_URL_VARIABLE, Settings
+from icldaemon.store import embedded_root
 
 DRIVER_NAME = "postgresql+psycopg"
 ACCEPTED_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg", "postgres+psycopg")
@@ -147,7 +149,7 @@ def psql_command() -> str:
     """`psql` where it is on PATH, else the psql that the pgserver wheel ships."""
     if shutil.which("psql"):
         return "psql"
-    bundled = Path(_import_pgserver().POSTGRES_BIN_PATH) / "psql"
+    bundled = Path(_import_pgserver().postgres_server.POSTGRES_BIN_PATH) / "psql"
     return str(bundled) if bundled.is_file() else "psql"
 
 
@@ -158,45 +160,48 @@ def _postmaster_running(pgdata: Path) -> bool:
 
 @contextlib.contextmanager
 def embedded_database(pgdata_dir: Path) -> Iterator[str]:
-    """Start (or join) a pgserver PostgreSQL in `pgdata_dir`, yield its URL, and stop it on exit if it was started here.
+    """Start (or join) an embedded PostgreSQL in `pgdata_dir`, yield its URL, and stop it on exit if it was started here.
 
-    pgserver counts the processes using one data directory and stops the server when the last of them
-    leaves; a server that was already running when this started (another icldaemon process, or one
-    started by hand) is left running. Run as root, pgserver runs PostgreSQL as a system user `pgserver`
-    (created with useradd if missing), gives it the data directory, and opens the directories above the
-    data directory to others for traversal (o+rx), because PostgreSQL refuses to run as root.
+    The processes using one data directory are counted (pgserver's list in the directory), and the
+    server is stopped when the last of them leaves; a server that was already running when this
+    started (another icldaemon process, or one started by hand) is left running. As root, the server
+    runs as a system user and is reachable by no other local user (embedded_root.py); otherwise
+    pgserver runs it as the current user.
     """
     pgserver = _import_pgserver()
     pgdata = Path(pgdata_dir).expanduser().resolve()
-    pgdata.mkdir(mode=0o700, parents=True, exist_ok=True)
-    started_here = not _postmaster_running(pgdata)
-    if started_here and (pgdata / "PG_VERSION").exists():
-        # pgserver stops the server when the last process on its list of users leaves. A process killed
-        # before it could leave stays on the list, and with it the server would never be stopped again;
-        # with no server running, nobody on the list is using it.
-        pgserver.utils.DiskList(pgdata / HANDLE_LIST_FILE).put([])
-    try:
-        server = pgserver.get_server(pgdata, cleanup_mode="stop" if started_here else None)
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError, RuntimeError) as exc:
-        raise DatabaseError(
-            f"the embedded PostgreSQL server in {pgdata} did not start ({exc}); its log is {pgdata / 'log'}"
-        ) from exc
-    url = server.get_uri()
+    serve = embedded_root.served_as_root if os.geteuid() == 0 else _served_by_pgserver
     # Fetched here, not at import: a logger bound before configure_logging() keeps the default output.
     log = get_logger(pgdata=str(pgdata))
+    started_here = False
     try:
-        with server:
-            log.info(
-                "embedded_database_started" if started_here else "embedded_database_joined",
-                url=url,
-                pid=server.get_pid(),
-            )
+        with serve(pgserver, pgdata, HANDLE_LIST_FILE) as (url, pid, started_here):
+            log.info("embedded_database_started" if started_here else "embedded_database_joined", url=url, pid=pid)
             yield url
     finally:
         if started_here and _postmaster_running(pgdata):
             log.info("embedded_database_left_running", reason="other processes still use it")
         elif started_here:
             log.info("embedded_database_stopped")
+
+
+@contextlib.contextmanager
+def _served_by_pgserver(pgserver, pgdata: Path, handle_list_file: str) -> Iterator[tuple[str, int, bool]]:
+    pgdata.mkdir(mode=0o700, parents=True, exist_ok=True)
+    started_here = not _postmaster_running(pgdata)
+    if started_here and (pgdata / "PG_VERSION").exists():
+        # pgserver stops the server when the last process on its list of users leaves. A process killed
+        # before it could leave stays on the list, and with it the server would never be stopped again;
+        # with no server running, nobody on the list is using it.
+        pgserver.utils.DiskList(pgdata / handle_list_file).put([])
+    try:
+        server = pgserver.get_server(pgdata, cleanup_mode="stop" if started_here else None)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError, RuntimeError) as exc:
+        raise DatabaseError(
+            f"the embedded PostgreSQL server in {pgdata} did not start ({exc}); its log is {pgdata / 'log'}"
+        ) from exc
+    with server:
+        yield server.get_uri(), server.get_pid(), started_here
 
 
 @contextlib.contextmanager
