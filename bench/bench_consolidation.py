@@ -19,7 +19,11 @@ on the shipped neutral set. Checked on:
 - the baseline: context distillation (a PEFT LoRA on the same modules at the same rank, trained with
   AdamW on the same answer tokens), the same figures and its time, on the first `--distil-facts` facts.
 
-    .venv/bin/python bench/bench_consolidation.py [--facts 12] [--distil-facts 3] [--rank 4]
+    .venv/bin/python bench/bench_consolidation.py [--facts 12] [--distil-facts 3] [--rank 4] [--explain]
+
+`--explain` also prints, per fact, its held-out questions with the answers with the memory and with the
+adapter, and the neutral prompts whose greedy next token the adapter changes, with the base model's
+margin there (its top token's probability minus the second's): what a missed goal looks like.
 """
 
 import argparse
@@ -110,9 +114,23 @@ class Bench:
                 "answers": level.answers, "neutral": asdict(specific), "leak": leaked.rate,
                 "leak_examples": leaked.examples}
 
+    @torch.no_grad()
+    def flipped(self, patch, baseline) -> list[tuple[int, str, str, float]]:
+        """The neutral prompts whose greedy next token `patch` changes: (index, before, after, base margin)."""
+        flips = []
+        with answers.applied(self.model, patch):
+            for number, (ids, base) in enumerate(zip(baseline.prompts, baseline.log_probs, strict=True)):
+                adapted = edit_figures.log_probs(self.model, ids, -1)
+                if int(adapted.argmax()) != int(base.argmax()):
+                    top = torch.topk(base.exp(), 2).values
+                    flips.append((number, self.tokenizer.decode([int(base.argmax())]),
+                                  self.tokenizer.decode([int(adapted.argmax())]), float(top[0] - top[1])))
+        return flips
+
 
 def run(facts: int | None = None, distil_facts: int = 3, rank: int = answers.RANK, ridge: float = answers.RIDGE,
-        preservation: float = answers.PRESERVATION, distil_steps: int = 125, progress=print) -> dict:
+        preservation: float = answers.PRESERVATION, distil_steps: int = 125, progress=print,
+        explain: bool = False) -> dict:
     torch.set_num_threads(torch.get_num_threads())
     loaded = load_model(None, models_dir=load_settings().models_dir, device="cpu", dtype="float32")
     all_facts = load_facts()
@@ -132,6 +150,9 @@ def run(facts: int | None = None, distil_facts: int = 3, rank: int = answers.RAN
         adapter = answers.fit_answer_patches(patches, generic, rank=rank, ridge=ridge, preservation=preservation)
         fit_seconds = time.perf_counter() - fit_started
         row = bench.figures(index, adapter, held_out, leaks, baseline)
+        if explain:
+            row["held_out_questions"] = list(fact.questions[-HELD_OUT:])
+            row["flipped"] = bench.flipped(adapter, baseline)
         row.update(answer_seconds=answer_seconds, patch_seconds=patch_seconds, fit_seconds=fit_seconds,
                    retrievals=len(fit),
                    pairs=adapter.pairs, check=max(p.max_abs_log_prob_error for p in patches))
@@ -234,8 +255,9 @@ def print_report(result: dict) -> None:
               f"{row['patch_seconds'] + row['fit_seconds']:>4.0f}  {baseline}")
     print("s: the patches and the fit; distillation: its training. Both use the same with-memory answers, "
           "generated once (not counted in either)")
+    share = summary["adapter_rate"] / summary["with_memory_rate"] if summary["with_memory_rate"] else float("nan")
     print(f"pooled: with memory {summary['with_memory_rate']:.0%}, without {summary['without_memory_rate']:.0%}, "
-          f"adapter {summary['adapter_rate']:.0%} ({summary['adapter_rate'] / summary['with_memory_rate']:.0%} of the "
+          f"adapter {summary['adapter_rate']:.0%} ({share:.0%} of the "
           f"with-memory rate; weakest fact {summary['weakest_fact_share']:.0%}); answer KL {summary['answer_kl_without']:.3f}"
           f" -> {summary['answer_kl_adapter']:.3f}; next-token KL share {summary['next_token_kl_share']:.0%}; neutral "
           f"KL {summary['neutral_kl']:.4f}, next token kept {summary['next_token_unchanged']:.0%}, continuation kept "
@@ -268,6 +290,20 @@ def print_report(result: dict) -> None:
         ]
     for name, met in goals:
         print(f"  goal {'met   ' if met else 'MISSED'}  {name}")
+    if any("flipped" in row for row in result["per_fact"].values()):
+        print_explanation(result)
+
+
+def print_explanation(result: dict) -> None:
+    margins = [margin for row in result["per_fact"].values() for *_, margin in row["flipped"]]
+    print(f"\nheld-out answers (with the memory / with the adapter) and flipped neutral prompts; {len(margins)} flips "
+          f"in all, base margin (top-1 minus top-2 probability) median {np.median(margins) if margins else 0:.3f}")
+    for key, row in result["per_fact"].items():
+        print(f"== {key}")
+        for question, (with_memory, _without, adapted) in zip(row["held_out_questions"], row["answers"], strict=True):
+            print(f"  {question!r}\n    with the memory: {with_memory!r}\n    with the adapter: {adapted!r}")
+        for number, before, after, margin in row["flipped"]:
+            print(f"  neutral prompt {number}: {before!r} -> {after!r}, base margin {margin:.3f}")
 
 
 def main() -> None:
@@ -278,8 +314,11 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=answers.RANK)
     parser.add_argument("--ridge", type=float, default=answers.RIDGE)
     parser.add_argument("--preservation", type=float, default=answers.PRESERVATION)
+    parser.add_argument("--explain", action="store_true", help="print the held-out answers and the flipped neutral "
+                                                               "prompts")
     args = parser.parse_args()
-    print_report(run(args.facts, args.distil_facts, args.rank, args.ridge, args.preservation, args.distil_steps))
+    print_report(run(args.facts, args.distil_facts, args.rank, args.ridge, args.preservation, args.distil_steps,
+                     explain=args.explain))
 
 
 if __name__ == "__main__":

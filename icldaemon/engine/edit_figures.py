@@ -75,7 +75,8 @@ def _scope(model, patch: DownProjectionPatch | None):
     return nullcontext() if patch is None else applied(model, patch)
 
 
-def _log_probs(model: PreTrainedModel, ids: Sequence[int], positions: slice | list[int]) -> torch.Tensor:
+def log_probs(model: PreTrainedModel, ids: Sequence[int], positions: slice | list[int] | int) -> torch.Tensor:
+    """The model's next-token log-probabilities (float64) at `positions` of `ids`."""
     logits = model(input_ids=torch.tensor([list(ids)], device=model.device)).logits[0, positions]
     if not torch.isfinite(logits).all():
         raise NumericalError("non-finite logits while measuring an adapter")
@@ -109,10 +110,10 @@ def answer_figures(model: PreTrainedModel, tokenizer, patch: DownProjectionPatch
         count = len(with_answer)
         with_positions = list(range(len(example.with_ids) - 1, len(example.with_ids) - 1 + count))
         without_positions = list(range(len(example.without_ids) - 1, len(example.without_ids) - 1 + count))
-        reference = _log_probs(model, example.with_ids + with_answer[:-1], with_positions)
-        plain = _kl(reference, _log_probs(model, example.without_ids + with_answer[:-1], without_positions))
+        reference = log_probs(model, example.with_ids + with_answer[:-1], with_positions)
+        plain = _kl(reference, log_probs(model, example.without_ids + with_answer[:-1], without_positions))
         with _scope(model, patch):
-            adapted = _kl(reference, _log_probs(model, example.without_ids + with_answer[:-1], without_positions))
+            adapted = _kl(reference, log_probs(model, example.without_ids + with_answer[:-1], without_positions))
         kl_without.append(float(plain.mean()))
         kl_adapter.append(float(adapted.mean()))
         first_without.append(float(plain[0]))
@@ -139,7 +140,7 @@ def neutral_baseline(model: PreTrainedModel, prompts: Sequence[Sequence[int]], *
     prompts = [list(ids) for ids in prompts]
     return NeutralBaseline(
         prompts=prompts,
-        log_probs=[_log_probs(model, ids, -1) for ids in prompts],
+        log_probs=[log_probs(model, ids, -1) for ids in prompts],
         continuations=greedy_answers(model, prompts, answer_tokens, stop_ids),
     )
 
@@ -151,7 +152,7 @@ def specificity(model: PreTrainedModel, patch: DownProjectionPatch, baseline: Ne
     kls, same_token = [], []
     with applied(model, patch):
         for ids, base_log_probs in zip(baseline.prompts, baseline.log_probs, strict=True):
-            adapted = _log_probs(model, ids, -1)
+            adapted = log_probs(model, ids, -1)
             kls.append(float(_kl(base_log_probs, adapted)))
             same_token.append(int(adapted.argmax()) == int(base_log_probs.argmax()))
         continuations = greedy_answers(model, baseline.prompts, answer_tokens, stop_ids)
