@@ -26,9 +26,9 @@ def _models() -> list[type[BaseSettings]]:
 
 
 def _default(field) -> str:
-    shown = (field.json_schema_extra or {}).get("shown_default") if isinstance(field.json_schema_extra, dict) else None
-    if shown:
-        return shown
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    if "shown_default" in extra:  # a default that differs by machine or user (the data directory)
+        return extra["shown_default"]
     value = field.default
     if value is None:
         return "unset"

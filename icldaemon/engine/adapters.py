@@ -1,6 +1,7 @@
 """Architecture adapters: per model family, where a block's MLP input and first dense layer(s) are.
 
-This is the only module that names a family's modules or reads its config for family differences. For every block the engine needs:
+This is the only module that names a family's modules or reads its config for family differences. For
+every block the engine needs:
 
 - the MLP module, whose input is the paper's A(C, x) (`a`),
 - the first dense layer(s) inside it (`z = W a`, `W = [W_gate; W_up]`),

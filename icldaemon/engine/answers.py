@@ -422,7 +422,8 @@ def export_lora(model: PreTrainedModel, patch: DownProjectionPatch, directory: P
     names = down_projection_names(model, adapter)
     adapter.require_dense(model.get_submodule(names[0]))
     config = LoraConfig(r=patch.rank, lora_alpha=patch.rank, lora_dropout=0.0, target_modules=names,
-                        fan_in_fan_out=adapter.fan_in_fan_out, bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model)
+                        fan_in_fan_out=adapter.fan_in_fan_out, bias="none", task_type="CAUSAL_LM",
+                        base_model_name_or_path=base_model)
     tensors = {}
     for layer_idx, name in enumerate(names):
         tensors[f"base_model.model.{name}.lora_A.weight"] = torch.as_tensor(patch.lora_A[layer_idx]).float()

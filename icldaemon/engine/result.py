@@ -12,7 +12,6 @@ import numpy as np
 METHOD_VERSION = 3
 
 
-
 @dataclass
 class TokenInfo:
     index: int  # index among the context tokens

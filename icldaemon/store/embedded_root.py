@@ -21,6 +21,7 @@ to leave stops the server if it started it.
 
 import contextlib
 import fcntl
+import grp
 import importlib.metadata
 import os
 import pwd
@@ -39,7 +40,7 @@ SOCKET_PATH_LIMIT = 107  # bytes of a Unix socket's path on Linux (sun_path, les
 COMMAND_TIMEOUT = 120.0  # seconds for initdb, and for the server to start or stop
 SEARCH = {"user": stat.S_IXUSR, "group": stat.S_IXGRP, "other": stat.S_IXOTH}
 
-_IN_USE: dict[Path, tuple[str, int, int]] = {}  # data directory -> (URL, pid, uses) in this process
+_IN_USE: dict[Path, tuple[str, int]] = {}  # data directory -> (URL, server pid) while this process uses it
 
 
 def service_user() -> pwd.struct_passwd:
@@ -76,8 +77,6 @@ def unsearchable(directory: Path, user: pwd.struct_passwd) -> Path | None:
 
 
 def _groups_of(name: str) -> list:
-    import grp
-
     return [group for group in grp.getgrall() if name in group.gr_mem]
 
 
@@ -154,13 +153,7 @@ def refuse_unreachable(pgdata: Path, user: pwd.struct_passwd) -> None:
 def served_as_root(pgserver, pgdata: Path, handle_list_file: str) -> Iterator[tuple[str, int, bool]]:
     """Start or join the server in `pgdata` as the service user: yields (URL, server pid, started here)."""
     if pgdata in _IN_USE:  # joined again by this process: the outermost use starts and stops it
-        url, pid, count = _IN_USE[pgdata]
-        _IN_USE[pgdata] = (url, pid, count + 1)
-        try:
-            yield url, pid, False
-        finally:
-            url, pid, count = _IN_USE[pgdata]
-            _IN_USE[pgdata] = (url, pid, count - 1)
+        yield (*_IN_USE[pgdata], False)
         return
     user = service_user()
     pgdata.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -188,9 +181,9 @@ def served_as_root(pgserver, pgdata: Path, handle_list_file: str) -> Iterator[tu
             if info is None or not info.is_running():
                 raise DatabaseError(f"the embedded PostgreSQL in {pgdata} did not start; its log is {pgdata / 'log'}")
         handles.get_and_add(os.getpid())
-    _IN_USE[pgdata] = (info.get_uri(), info.pid, 1)
+    _IN_USE[pgdata] = (info.get_uri(), info.pid)
     try:
-        yield info.get_uri(), info.pid, started_here
+        yield (*_IN_USE[pgdata], started_here)
     finally:
         del _IN_USE[pgdata]
         with _locked(lock):

@@ -161,6 +161,10 @@ def test_as_root_the_server_is_reachable_by_its_user_alone_and_no_permission_out
         other = subprocess.run(["psql", url, "-At", "-c", "SELECT 1"], user="nobody", group="nogroup",
                                extra_groups=[], capture_output=True, text=True, timeout=60, cwd="/")
         assert other.returncode != 0 and "Permission denied" in other.stderr
+        # used again inside this process: the inner use joins, and leaving it leaves the server up
+        with database_url(settings) as inner:
+            assert inner == url
+        assert postmaster_pid(pgdata) == server_pid
 
     assert modes(watched) == before
 
