@@ -428,7 +428,7 @@ def cmd_consolidate(args, settings: Settings) -> int:
             scope=args.scope or ("memory" if args.memory_id is not None else
                                  "session" if args.session_id is not None else None),
             memory_id=args.memory_id, session_id=args.session_id, rank=args.rank, min_patches=args.min_patches,
-            ridge=args.ridge, preservation=args.preservation,
+            ridge=args.ridge, preservation=args.preservation, refinements=args.refinements,
         )
         loaded = load_configured_model(settings)
         records = Consolidator(url, loaded, settings.adapters_dir).run(request)
@@ -655,8 +655,12 @@ def build_parser() -> argparse.ArgumentParser:
                              help="ridge lambda as a share of the mean squared key norm (default: "
                                   "ICLD_CONSOLIDATE_RIDGE, else 0.05)")
     consolidate.add_argument("--preservation", type=_non_negative_number,
-                             help="weight of the shipped neutral prompts against the retrievals in the fit (default: "
+                             help="weight of the shipped generic prompts against the retrievals in the fit (default: "
                                   "ICLD_CONSOLIDATE_PRESERVATION, else 1.0)")
+    consolidate.add_argument("--refinements", type=_whole_number_at_least(0),
+                             help="refits on the keys the adapted model itself produces, each one more pass over the "
+                                  "fitted retrievals; 0: the exact patches' keys only (default: "
+                                  "ICLD_CONSOLIDATE_REFINEMENTS, else 1)")
     consolidate.set_defaults(handler=cmd_consolidate)
 
     adapters = commands.add_parser("adapters", help="list the adapter versions with their status and figures")

@@ -4,10 +4,11 @@ A group is one memory ("memory:12"), one session ("session:<uuid>") or everythin
 loaded model, weights revision and method version. When a group has at least `min_patches` answer
 patches (retrievals) that no adapter of it has used, they are split by age: the newest `held_out`
 share is kept out of the fit. The rest, relevant retrievals and irrelevant ones alike, are fitted into
-a LoRA on the down projections with a preservation term on the shipped neutral prompts
-(docs/method.md §7). The held-out retrievals, rebuilt from the database, measure it like a model edit:
-answer level, the answer tokens' KL, specificity on the neutral prompts, leak. A quality gate accepts
-or rejects the version; a rejected version is listed with its reason and never current.
+a LoRA on the down projections with a preservation term on the shipped generic prompts, then refitted on
+the keys the adapted model itself produces (docs/method.md §7). The held-out retrievals, rebuilt from
+the database, measure it like a model edit: answer level, the answer tokens' KL, specificity on the
+neutral prompts, leak. A quality gate accepts or rejects the version; a rejected version is listed with
+its reason and never current.
 
 The adapter directory is written under a temporary name and renamed into place, then listed in
 `adapters` in one transaction with the patches it used; a directory that is not listed there is never a
@@ -28,7 +29,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from icldaemon.assembly import assemble_prompt
-from icldaemon.data import load_neutral
+from icldaemon.data import load_generic, load_neutral
 from icldaemon.engine import answers, edit_figures
 from icldaemon.engine.adapters import adapter_for
 from icldaemon.engine.loading import LoadedModel
@@ -68,7 +69,10 @@ class ConsolidationSettings(BaseSettings):
     min_patches: int = Field(default=MIN_PATCHES, ge=2, description="New retrievals a group needs for a new version.")
     ridge: float = Field(default=answers.RIDGE, gt=0, description="Ridge lambda as a share of the mean squared key.")
     preservation: float = Field(default=answers.PRESERVATION, ge=0,
-                                description="Weight of the neutral prompts against the retrievals in the fit.")
+                                description="Weight of the generic prompts against the retrievals in the fit.")
+    refinements: int = Field(default=answers.REFINEMENTS, ge=0,
+                             description="Refits on the keys the adapted model produces; 0: the exact patches' "
+                                         "keys only.")
     held_out: float = Field(default=HELD_OUT, gt=0, lt=1, description="Share of retrievals held out to check.")
     min_answer_share: float = Field(default=MIN_ANSWER_SHARE, ge=0,
                                     description="Gate: adapter answer rate over the with-memory rate, at least.")
@@ -114,6 +118,7 @@ class ConsolidationRequest:
     min_patches: int = MIN_PATCHES
     ridge: float = answers.RIDGE
     preservation: float = answers.PRESERVATION
+    refinements: int = answers.REFINEMENTS
     held_out: float = HELD_OUT
     gate: QualityGate = QualityGate()
 
@@ -132,6 +137,8 @@ class ConsolidationRequest:
             raise BadInputError(f"ridge must be positive, got {self.ridge}")
         if self.preservation < 0:
             raise BadInputError(f"preservation must not be negative, got {self.preservation}")
+        if self.refinements < 0:
+            raise BadInputError(f"refinements must not be negative, got {self.refinements}")
         if not 0 < self.held_out < 1:
             raise BadInputError(f"held_out must be between 0 and 1, got {self.held_out}")
 
@@ -140,7 +147,8 @@ class ConsolidationRequest:
         gate = QualityGate(settings.min_answer_share, settings.min_next_token_unchanged, settings.max_neutral_kl,
                            settings.max_leak)
         values = dict(scope=settings.scope, rank=settings.rank, min_patches=settings.min_patches,
-                      ridge=settings.ridge, preservation=settings.preservation, held_out=settings.held_out, gate=gate)
+                      ridge=settings.ridge, preservation=settings.preservation, refinements=settings.refinements,
+                      held_out=settings.held_out, gate=gate)
         values.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**values)
 
@@ -202,17 +210,24 @@ class Consolidator:
         self.log = get_logger(model=loaded.name)
         self._neutral: tuple[list[np.ndarray], edit_figures.NeutralBaseline] | None = None
 
+    def _chat_prompts(self, chats: list[list[dict]]) -> list[list[int]]:
+        prompts = []
+        for chat in chats:
+            try:
+                prompts.append(build_prompt(self.loaded.tokenizer, messages=chat).input_ids)
+            except (BadInputError, ValueError):  # a tokenizer without a chat template: the text alone
+                prompts.append(self.loaded.tokenizer(chat[-1]["content"])["input_ids"])
+        return prompts
+
     def neutral(self) -> tuple[list[np.ndarray], edit_figures.NeutralBaseline]:
-        """The shipped neutral prompts' keys (for the preservation term) and base behaviour, computed once."""
+        """The shipped generic prompts' keys (for the preservation term) and the base behaviour on the shipped
+        neutral prompts (for the checks), computed once. The two sets share no prompt."""
         if self._neutral is None:
-            prompts = []
-            for chat in load_neutral():
-                try:
-                    prompts.append(build_prompt(self.loaded.tokenizer, messages=chat).input_ids)
-                except (BadInputError, ValueError):  # a tokenizer without a chat template: the text alone
-                    prompts.append(self.loaded.tokenizer(chat[-1]["content"])["input_ids"])
-            self._neutral = (answers.generic_keys(self.loaded.model, prompts, adapter=self.adapter),
-                             edit_figures.neutral_baseline(self.loaded.model, prompts, stop_ids=self.stop))
+            self._neutral = (
+                answers.generic_keys(self.loaded.model, self._chat_prompts(load_generic()), adapter=self.adapter),
+                edit_figures.neutral_baseline(self.loaded.model, self._chat_prompts(load_neutral()),
+                                              stop_ids=self.stop),
+            )
         return self._neutral
 
     # --- which groups
@@ -241,23 +256,40 @@ class Consolidator:
 
     # --- one group
 
+    def _rebuilt(self, connection: queue.Connection, patch: store.StoredAnswerPatch, event: str):
+        """The retrieval's prompt as it was measured and its token ids without the memory, its source and its
+        retrievals; None (logged) where it can no longer be rebuilt."""
+        messages, text = store.prompt_source(connection, patch.prompt_id)
+        retrievals = queue.retrievals(connection, patch.prompt_id)
+        try:
+            prompt = assemble_prompt(self.loaded.tokenizer, self.loaded.model, messages=messages, text=text,
+                                     retrievals=retrievals)
+        except BadInputError as exc:
+            self.log.warning(event, run_id=patch.run_id, error=str(exc))
+            return None
+        label = f"memory:{patch.memory_id}"
+        if label not in {segment.label for segment in prompt.segments}:
+            self.log.warning(event, run_id=patch.run_id, error=f"{label} is not in the prompt")
+            return None
+        return prompt, prompt.without({label}), messages, text, retrievals
+
+    def _refine_examples(self, connection: queue.Connection,
+                         fit: list[store.StoredAnswerPatch]) -> list[answers.RefineExample]:
+        examples = []
+        for patch in fit:
+            rebuilt = self._rebuilt(connection, patch, "refinement_skipped")
+            if rebuilt is not None:
+                examples.append(answers.RefineExample(rebuilt[0].input_ids, rebuilt[1], patch.answer_ids))
+        return examples
+
     def _held_out(self, connection: queue.Connection, held_out: list[store.StoredAnswerPatch]) -> _HeldOut:
         decode = lambda ids: self.loaded.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         relevant, irrelevant, all_words = [], [], set()
         for patch in held_out:
-            messages, text = store.prompt_source(connection, patch.prompt_id)
-            retrievals = queue.retrievals(connection, patch.prompt_id)
-            try:
-                prompt = assemble_prompt(self.loaded.tokenizer, self.loaded.model, messages=messages, text=text,
-                                         retrievals=retrievals)
-            except BadInputError as exc:
-                self.log.warning("held_out_skipped", run_id=patch.run_id, error=str(exc))
+            rebuilt = self._rebuilt(connection, patch, "held_out_skipped")
+            if rebuilt is None:
                 continue
-            label = f"memory:{patch.memory_id}"
-            if label not in {segment.label for segment in prompt.segments}:
-                self.log.warning("held_out_skipped", run_id=patch.run_id, error=f"{label} is not in the prompt")
-                continue
-            without_ids = prompt.without({label})
+            prompt, without_ids, messages, text, retrievals = rebuilt
             content = next(r.content for r in retrievals if r.memory_id == patch.memory_id) or ""
             without_answer = answers.greedy_answer(self.loaded.model, without_ids, len(patch.answer_ids), self.stop)
             words = edit_figures.fact_words(content, decode(patch.answer_ids), question=_question(messages, text),
@@ -289,6 +321,10 @@ class Consolidator:
         values = [np.concatenate([patch.value[layer_idx] for patch in fit]) for layer_idx in range(self.num_layers)]
         patch = answers.fit_down_projection(keys, values, generic, rank=request.rank, ridge=request.ridge,
                                             preservation=request.preservation)
+        if request.refinements:
+            patch = answers.refine(self.loaded.model, patch, keys, values, self._refine_examples(connection, fit),
+                                   generic, ridge=request.ridge, preservation=request.preservation,
+                                   refinements=request.refinements, adapter=self.adapter)
         fit_seconds = time.perf_counter() - started
         log.info("adapter_fitted", pairs=patch.pairs, seconds=round(fit_seconds, 3))
         if patch.rank < request.rank:
@@ -312,7 +348,8 @@ class Consolidator:
         metadata = {
             "scope_key": scope_key, "version": version, "model": self.loaded.name, "method": METHOD,
             "method_version": METHOD_VERSION, "model_revision": self.loaded.revision, "rank": patch.rank,
-            "ridge": request.ridge, "preservation": request.preservation, "status": status, "status_reason": reason,
+            "ridge": request.ridge, "preservation": request.preservation, "refinements": request.refinements,
+            "status": status, "status_reason": reason,
             "fit_patches": [[p.run_id, p.memory_id] for p in fit],
             "held_out_patches": [[p.run_id, p.memory_id] for p in held_out], "figures": figures,
         }

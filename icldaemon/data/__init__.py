@@ -2,7 +2,9 @@
 
 `facts.json` holds facts about one fictional user, each with the memory as a store would hold it, the
 answer strings that show a generated reply names it, and 20 paraphrased questions whose answer it is.
-`neutral.json` holds chats that are about none of the facts: an adapter should leave them alone.
+`neutral.json` holds chats that are about none of the facts: an adapter should leave them alone, and
+is checked on them. `generic.json` holds other such chats, none of them in `neutral.json`: the fit's
+preservation term keeps the model's outputs on them, so the check on `neutral.json` is out of sample.
 `python -m icldaemon.data.screen` reproduces how often the bundled model names each fact with and
 without its memory in the prompt.
 """
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
-__all__ = ["Fact", "load_facts", "load_neutral"]
+__all__ = ["Fact", "load_facts", "load_generic", "load_neutral"]
 
 
 @dataclass(frozen=True)
@@ -51,5 +53,10 @@ def load_facts() -> list[Fact]:
 
 
 def load_neutral() -> list[list[dict]]:
-    """The neutral prompts, each a chat (a list of {"role", "content"} messages)."""
+    """The neutral prompts that adapters are checked on, each a chat (a list of {"role", "content"} messages)."""
     return [[dict(message) for message in item["messages"]] for item in _read("neutral.json")]
+
+
+def load_generic() -> list[list[dict]]:
+    """The generic prompts of the fit's preservation term (none of them a neutral prompt), each a chat."""
+    return [[dict(message) for message in item["messages"]] for item in _read("generic.json")]

@@ -22,10 +22,11 @@ keys to zero, truncated to rank r by SVD: a LoRA on the down projection without 
 """
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ from icldaemon.settings import ANSWER_TOKENS
 RANK = 4  # rank of the down-projection LoRA
 RIDGE = 0.05  # lambda as a share of the mean squared key norm: scale-free across layers and models
 PRESERVATION = 1.0  # weight of the generic-text rows against the retrieval rows, in total
+REFINEMENTS = 1  # refits on the adapted model's own keys (`refine`)
 NEUTRAL_POSITIONS = 1024  # generic-text keys kept per layer (evenly sampled), bounding the fit's memory
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 METADATA_FILE = "icldaemon.json"
@@ -344,40 +346,139 @@ def fit_down_projection(keys: Sequence[np.ndarray], values: Sequence[np.ndarray]
     lora_A = np.zeros((num_layers, kept, d_ff))
     lora_B = np.zeros((num_layers, d_model, kept))
     for layer_idx in range(num_layers):
-        fit_keys = np.asarray(keys[layer_idx], dtype=np.float64)
-        fit_values = np.asarray(values[layer_idx], dtype=np.float64)
-        if not (np.isfinite(fit_keys).all() and np.isfinite(fit_values).all()):
+        fit_keys = torch.as_tensor(np.asarray(keys[layer_idx]), dtype=torch.float64)
+        fit_values = torch.as_tensor(np.asarray(values[layer_idx]), dtype=torch.float64)
+        if not (torch.isfinite(fit_keys).all() and torch.isfinite(fit_values).all()):
             raise NumericalError(f"layer {layer_idx}: the patches hold NaN or inf")
         rows = [fit_keys]
         if generic is not None and preservation > 0 and len(generic[layer_idx]):
-            generic_rows = np.asarray(generic[layer_idx], dtype=np.float64)
-            rows.append(generic_rows * np.sqrt(preservation * count / len(generic_rows)))
-        inputs = np.concatenate(rows)  # [N + M, d_ff]
-        targets = np.zeros((len(inputs), d_model))
+            generic_rows = torch.as_tensor(np.asarray(generic[layer_idx]), dtype=torch.float64)
+            rows.append(generic_rows * math.sqrt(preservation * count / len(generic_rows)))
+        inputs = torch.cat(rows)  # [N + M, d_ff]
+        targets = torch.zeros(len(inputs), d_model, dtype=torch.float64)
         targets[:count] = fit_values
-        penalty = ridge * float(np.mean(np.einsum("ij,ij->i", fit_keys, fit_keys)))
+        penalty = ridge * float(torch.linalg.vecdot(fit_keys, fit_keys).mean())
         if len(inputs) <= d_ff:
-            gram = inputs @ inputs.T + penalty * np.eye(len(inputs))
-            delta = np.linalg.solve(gram, targets).T @ inputs  # [d_model, d_ff]
+            gram = inputs @ inputs.T + penalty * torch.eye(len(inputs), dtype=torch.float64)
+            delta = torch.linalg.solve(gram, targets).T @ inputs  # [d_model, d_ff]
         else:
-            gram = inputs.T @ inputs + penalty * np.eye(d_ff)
-            delta = np.linalg.solve(gram, inputs.T @ targets).T
-        left, singular, right = np.linalg.svd(delta, full_matrices=False)
-        lora_B[layer_idx] = left[:, :kept] * singular[:kept]
-        lora_A[layer_idx] = right[:kept]
+            gram = inputs.T @ inputs + penalty * torch.eye(d_ff, dtype=torch.float64)
+            delta = torch.linalg.solve(gram, inputs.T @ targets).T
+        # torch's SVD rather than numpy's: numpy's LAPACK (gesdd) failed to converge on a well-conditioned
+        # delta of the bundled model (layer 12 of one benchmark fold) that torch decomposes
+        left, singular, right = torch.linalg.svd(delta, full_matrices=False)
+        lora_B[layer_idx] = (left[:, :kept] * singular[:kept]).numpy()
+        lora_A[layer_idx] = right[:kept].numpy()
     return DownProjectionPatch(lora_A=lora_A, lora_B=lora_B, ridge=ridge, preservation=preservation, pairs=count)
 
 
 def fit_answer_patches(patches: Sequence[AnswerPatch], generic: Sequence[np.ndarray] | None = None, *,
-                       rank: int = RANK, ridge: float = RIDGE, preservation: float = PRESERVATION
-                       ) -> DownProjectionPatch:
-    """One memory's static patch from its retrievals' answer-position patches (every pair of every retrieval)."""
+                       rank: int = RANK, ridge: float = RIDGE, preservation: float = PRESERVATION,
+                       model: PreTrainedModel | None = None, prompts: Sequence[tuple[Sequence[int], Sequence[int]]]
+                       | None = None, refinements: int = REFINEMENTS) -> DownProjectionPatch:
+    """One memory's static patch from its retrievals' answer-position patches (every pair of every retrieval).
+
+    With the `model` and each patch's `prompts` (with and without the memory, token ids), the fit is refined
+    `refinements` times on the adapted model's own keys (`refine`).
+    """
     if not patches:
         raise BadInputError("no answer patches to fit")
     layers = range(patches[0].key.shape[0])
     keys = [np.concatenate([patch.key[layer_idx] for patch in patches]) for layer_idx in layers]
     values = [np.concatenate([patch.value[layer_idx] for patch in patches]) for layer_idx in layers]
-    return fit_down_projection(keys, values, generic, rank=rank, ridge=ridge, preservation=preservation)
+    fitted = fit_down_projection(keys, values, generic, rank=rank, ridge=ridge, preservation=preservation)
+    if model is None or prompts is None or refinements == 0:
+        return fitted
+    if len(prompts) != len(patches):
+        raise BadInputError(f"{len(prompts)} prompt pairs for {len(patches)} answer patches")
+    examples = [RefineExample(list(with_ids), list(without_ids), patch.answer_ids)
+                for (with_ids, without_ids), patch in zip(prompts, patches, strict=True)]
+    return refine(model, fitted, keys, values, examples, generic, ridge=ridge, preservation=preservation,
+                  refinements=refinements)
+
+
+# ---- the fit refined on the adapted model's own keys ---------------------------------------------------
+
+
+@dataclass
+class RefineExample:
+    """One fitted retrieval as the model runs it: the prompts with and without the memory, and its answer."""
+
+    with_ids: list[int]
+    without_ids: list[int]
+    answer_ids: list[int]
+
+
+class _Increments(Tap):
+    """Records, at the answer positions, each layer's increment to the residual (its output minus its input),
+    the down projection's input, and what a patch added there; applies the patch when one is given."""
+
+    def __init__(self, positions: torch.Tensor, patch: DownProjectionPatch | None = None, dtype=None, device=None):
+        self.positions = positions
+        self.hidden_in, self.increment, self.key, self.added = {}, {}, {}, {}
+        self.lora = None if patch is None else _DownProjectionTap(patch, dtype, device)
+
+    def layer_input(self, layer_idx, hidden_states):
+        self.hidden_in[layer_idx] = hidden_states[0, self.positions]
+
+    def down_output(self, layer_idx, inputs, output):
+        self.key[layer_idx] = inputs[0, self.positions].detach().clone()
+        if self.lora is None:
+            return None
+        patched = self.lora.down_output(layer_idx, inputs, output)
+        self.added[layer_idx] = (patched - output)[0, self.positions]
+        return patched
+
+    def layer_output(self, layer_idx, hidden_states, state):
+        self.increment[layer_idx] = hidden_states[0, self.positions] - self.hidden_in.pop(layer_idx)
+
+
+def _increments(model, adapter, prompt: list[int], answer_ids: list[int], patch=None) -> _Increments:
+    positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(answer_ids), device=model.device)
+    tap = _Increments(positions, patch, model.dtype, model.device)
+    with tapped(model, adapter, tap):
+        model(input_ids=torch.tensor([prompt + answer_ids[:-1]], device=model.device))
+    return tap
+
+
+@torch.no_grad()
+def refine(model: PreTrainedModel, fitted: DownProjectionPatch, keys: Sequence[np.ndarray],
+           values: Sequence[np.ndarray], examples: Sequence[RefineExample], generic: Sequence[np.ndarray] | None = None,
+           *, ridge: float = RIDGE, preservation: float = PRESERVATION, refinements: int = REFINEMENTS,
+           adapter: ArchitectureAdapter | None = None) -> DownProjectionPatch:
+    """Refit with the keys the adapted model itself produces (docs/method.md §7.2).
+
+    The exact patches' keys come from the hybrid run, whose layer inputs are the full run's; the adapted
+    model without the memory reaches each layer with its own inputs instead. Each refinement runs every
+    example without the memory, teacher-forced on its answer, with the current fit applied at every
+    position, and adds per layer and answer position the row: key = the down projection's input there,
+    value = what the layer must add for its increment to the residual to be the full run's,
+    (full increment - adapted increment) / s + the fit's own addition there. Then `keys`/`values` and
+    these rows are fitted together as in `fit_down_projection`, at the rank `fitted` has.
+    """
+    adapter = adapter or adapter_for(model)
+    _check_supported(adapter)
+    if refinements < 0:
+        raise BadInputError(f"refinements must not be negative, got {refinements}")
+    num_layers = adapter.num_layers(model)
+    factors = [adapter.down_projection_factor(block) for block in adapter.blocks(model)]
+    full = [_increments(model, adapter, example.with_ids, example.answer_ids).increment for example in examples]
+    current = fitted
+    for _ in range(refinements):
+        extra_keys: list[list[np.ndarray]] = [[] for _ in range(num_layers)]
+        extra_values: list[list[np.ndarray]] = [[] for _ in range(num_layers)]
+        for example, full_increment in zip(examples, full, strict=True):
+            run = _increments(model, adapter, example.without_ids, example.answer_ids, current)
+            for layer_idx in range(num_layers):
+                value = (full_increment[layer_idx] - run.increment[layer_idx]) / factors[layer_idx] + run.added[
+                    layer_idx]
+                extra_keys[layer_idx].append(run.key[layer_idx].float().cpu().numpy())
+                extra_values[layer_idx].append(value.float().cpu().numpy())
+        current = fit_down_projection(
+            [np.concatenate([keys[layer_idx], *extra_keys[layer_idx]]) for layer_idx in range(num_layers)],
+            [np.concatenate([values[layer_idx], *extra_values[layer_idx]]) for layer_idx in range(num_layers)],
+            generic, rank=fitted.rank, ridge=ridge, preservation=preservation)
+    return replace(current, pairs=fitted.pairs)
 
 
 # ---- applying and exporting ---------------------------------------------------------------------------

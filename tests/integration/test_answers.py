@@ -161,3 +161,103 @@ def test_the_exported_adapter_loads_in_peft_as_a_plain_down_projection_lora(fami
 def test_families_whose_mlp_output_is_normalised_are_refused_by_name():
     with pytest.raises(UnsupportedArchitectureError, match="post_feedforward_layernorm"):
         answers.answer_patch(tiny_model("gemma3"), *prompts())
+
+
+def _rows_by_hand(model, patch, with_ids, without_ids, answer):
+    """The refinement's rows from the test's own hooks: per layer the down projection's input at the answer
+    positions of the adapted run without the memory, and full increment - adapted increment + the patch's addition."""
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+
+    def run(ids, positions, lora):
+        record = {"in": {}, "out": {}, "key": {}, "added": {}}
+        handles = []
+        for layer_idx, block in enumerate(blocks):
+            def before(module, args, kwargs, layer_idx=layer_idx):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                record["in"][layer_idx] = hidden[0, positions].clone()
+
+            def after(module, args, kwargs, output, layer_idx=layer_idx):
+                hidden = output[0] if isinstance(output, tuple) else output
+                record["out"][layer_idx] = hidden[0, positions].clone()
+
+            def down(module, args, output, layer_idx=layer_idx):
+                record["key"][layer_idx] = args[0][0, positions].clone()
+                if lora is None:
+                    return None
+                delta = torch.as_tensor(lora.lora_B[layer_idx] @ lora.lora_A[layer_idx], dtype=torch.float32)
+                added = args[0] @ delta.T
+                record["added"][layer_idx] = added[0, positions].clone()
+                return output + added
+
+            handles.append(block.register_forward_pre_hook(before, with_kwargs=True))
+            handles.append(block.register_forward_hook(after, with_kwargs=True))
+            handles.append(block.get_submodule(adapter.down_proj).register_forward_hook(down))
+        try:
+            with torch.no_grad():
+                model(torch.tensor([ids + answer[:-1]]))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return record
+
+    full = run(with_ids, list(range(len(with_ids) - 1, len(with_ids) - 1 + len(answer))), None)
+    ours = run(without_ids, list(range(len(without_ids) - 1, len(without_ids) - 1 + len(answer))), patch)
+    keys, values = [], []
+    for layer_idx, block in enumerate(blocks):
+        full_increment = full["out"][layer_idx] - full["in"][layer_idx]
+        our_increment = ours["out"][layer_idx] - ours["in"][layer_idx]
+        factor = adapter.down_projection_factor(block)
+        keys.append(ours["key"][layer_idx].numpy())
+        values.append(((full_increment - our_increment) / factor + ours["added"][layer_idx]).numpy())
+    return keys, values
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "falcon_h1"])
+def test_refinement_refits_on_the_adapted_models_own_keys(family):
+    model = tiny_model(family)
+    cases = [prompts(seed) for seed in (3, 4, 5)]
+    patches = [answers.answer_patch(model, *case) for case in cases]
+    generic = answers.generic_keys(model, [prompts(9)[0]])
+    direct = answers.fit_answer_patches(patches, generic, rank=4)
+    refined = answers.fit_answer_patches(patches, generic, rank=4, model=model,
+                                         prompts=[(w, wo) for w, wo, _ in cases], refinements=1)
+    layers = range(adapter_for(model).num_layers(model))
+    rows = [_rows_by_hand(model, direct, *case) for case in cases]
+    expected = answers.fit_down_projection(
+        [np.concatenate([*(p.key[layer_idx] for p in patches), *(r[0][layer_idx] for r in rows)])
+         for layer_idx in layers],
+        [np.concatenate([*(p.value[layer_idx] for p in patches), *(r[1][layer_idx] for r in rows)])
+         for layer_idx in layers], generic, rank=4)
+    for layer_idx in layers:
+        np.testing.assert_allclose(refined.lora_B[layer_idx] @ refined.lora_A[layer_idx],
+                                   expected.lora_B[layer_idx] @ expected.lora_A[layer_idx], rtol=1e-4, atol=1e-6)
+    assert refined.pairs == direct.pairs == sum(p.positions for p in patches)
+    unrefined = answers.fit_answer_patches(patches, generic, rank=4, model=model,
+                                           prompts=[(w, wo) for w, wo, _ in cases], refinements=0)
+    np.testing.assert_array_equal(unrefined.lora_A, direct.lora_A)
+
+
+def test_refinement_brings_the_adapted_model_closer_to_the_one_with_the_memory():
+    """On the fitted retrievals themselves, at full rank: the adapted model's answer log-probabilities move
+    towards the with-memory model's when the fit sees the keys that the adapted model produces."""
+    model = tiny_model("llama")
+    cases = [prompts(seed) for seed in (3, 4, 5, 6)]
+    patches = [answers.answer_patch(model, *case) for case in cases]
+
+    def distance(patch):
+        total = 0.0
+        for with_ids, without_ids, answer in cases:
+            with torch.no_grad():
+                full = torch.log_softmax(
+                    model(torch.tensor([with_ids + answer[:-1]])).logits[0, len(with_ids) - 1:], -1)
+                with answers.applied(model, patch):
+                    ours = torch.log_softmax(
+                        model(torch.tensor([without_ids + answer[:-1]])).logits[0, len(without_ids) - 1:], -1)
+            total += float((full.exp() * (full - ours)).sum(-1).mean())
+        return total
+
+    pairs = [(w, wo) for w, wo, _ in cases]
+    direct = answers.fit_answer_patches(patches, rank=16, ridge=1e-3)
+    refined = answers.fit_answer_patches(patches, rank=16, ridge=1e-3, model=model, prompts=pairs, refinements=1)
+    assert distance(refined) < 0.7 * distance(direct)

@@ -1,13 +1,14 @@
-"""The shipped consolidation evaluation data: facts about one user, and neutral prompts."""
+"""The shipped consolidation data: facts about one user, neutral prompts to check on, generic prompts to fit with."""
 
 import re
 
 import pytest
 
-from icldaemon.data import Fact, load_facts, load_neutral
+from icldaemon.data import Fact, load_facts, load_generic, load_neutral
 
 FACTS = load_facts()
 NEUTRAL = load_neutral()
+GENERIC = load_generic()
 
 
 def test_there_are_enough_facts_with_unique_keys():
@@ -42,16 +43,25 @@ def test_a_facts_memory_names_no_other_fact(fact):
             assert not other.said_in(fact.content), (fact.key, other.key)
 
 
-def test_there_are_enough_neutral_prompts_and_they_are_chats():
-    assert len(NEUTRAL) >= 30
-    for messages in NEUTRAL:
+@pytest.mark.parametrize("chats", [NEUTRAL, GENERIC], ids=["neutral", "generic"])
+def test_there_are_enough_neutral_and_generic_prompts_and_they_are_chats(chats):
+    assert len(chats) >= 30
+    for messages in chats:
         assert messages and all(set(message) == {"role", "content"} for message in messages)
         assert messages[-1]["role"] == "user" and messages[-1]["content"].strip()
-    assert len({messages[-1]["content"] for messages in NEUTRAL}) == len(NEUTRAL)
+    assert len({messages[-1]["content"] for messages in chats}) == len(chats)
 
 
-def test_no_neutral_prompt_names_a_fact():
-    for messages in NEUTRAL:
+def test_the_checks_are_out_of_sample_no_neutral_prompt_is_a_generic_one():
+    def normalised(messages):
+        return tuple(re.sub(r"\W+", " ", message["content"]).strip().lower() for message in messages)
+
+    assert not {normalised(messages) for messages in NEUTRAL} & {normalised(messages) for messages in GENERIC}
+
+
+@pytest.mark.parametrize("chats", [NEUTRAL, GENERIC], ids=["neutral", "generic"])
+def test_no_neutral_or_generic_prompt_names_a_fact(chats):
+    for messages in chats:
         for message in messages:
             lowered = message["content"].lower()
             for fact in FACTS:
