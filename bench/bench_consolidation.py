@@ -165,7 +165,8 @@ def run(facts: int | None = None, distil_facts: int = 1, rank: int = answers.RAN
     neutral_prompts = [build_prompt(loaded.tokenizer, messages=chat).input_ids for chat in load_neutral()]
     baseline = edit_figures.neutral_baseline(loaded.model, neutral_prompts, stop_ids=bench.stop)
     generic_prompts = [build_prompt(loaded.tokenizer, messages=chat).input_ids for chat in load_generic()]
-    generic = answers.generic_keys(loaded.model, generic_prompts)
+    generic = answers.generic_keys(loaded.model, generic_prompts, answer_tokens=answers.ANSWER_TOKENS,
+                                   stop_ids=bench.stop)
     progress(f"  neutral baseline ({len(neutral_prompts)} prompts) and the preservation term's keys "
              f"({len(generic_prompts)} other prompts): {time.perf_counter() - started:.0f} s")
     per_fact, adapters, held = {}, {}, {}

@@ -224,7 +224,8 @@ class Consolidator:
         neutral prompts (for the checks), computed once. The two sets share no prompt."""
         if self._neutral is None:
             self._neutral = (
-                answers.generic_keys(self.loaded.model, self._chat_prompts(load_generic()), adapter=self.adapter),
+                answers.generic_keys(self.loaded.model, self._chat_prompts(load_generic()), adapter=self.adapter,
+                                     answer_tokens=answers.ANSWER_TOKENS, stop_ids=self.stop),
                 edit_figures.neutral_baseline(self.loaded.model, self._chat_prompts(load_neutral()),
                                               stop_ids=self.stop),
             )

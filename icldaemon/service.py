@@ -316,7 +316,7 @@ class Service:
         """One scheduled consolidation of every due group; a failing group is logged and skipped."""
         if self.consolidation is None or self.adapters_dir is None:
             return
-        if self._consolidator is None:  # keeps the neutral prompts' baseline between runs
+        if self._consolidator is None:  # keeps the generic keys and the neutral baseline between runs
             self._consolidator = Consolidator(self.worker.url, self.worker.loaded, self.adapters_dir)
         try:
             with on_module_calls(lambda: self.progress.moved("work")):

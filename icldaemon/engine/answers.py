@@ -43,7 +43,7 @@ RANK = 4  # rank of the down-projection LoRA
 RIDGE = 0.05  # lambda as a share of the mean squared key norm: scale-free across layers and models
 PRESERVATION = 1.0  # weight of the generic-text rows against the retrieval rows, in total
 REFINEMENTS = 1  # refits on the adapted model's own keys (`refine`)
-NEUTRAL_POSITIONS = 1024  # generic-text keys kept per layer (evenly sampled), bounding the fit's memory
+GENERIC_POSITIONS = 1024  # generic-text keys kept per layer, bounding the fit's memory and time
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 METADATA_FILE = "icldaemon.json"
 
@@ -269,24 +269,45 @@ class _RecordKeys(Tap):
         self.keys[layer_idx] = inputs[0, 1:].detach().to(torch.float32).cpu()  # position 0 is an attention sink
 
 
+def _evenly(count: int, limit: int) -> np.ndarray:
+    """At most `limit` of `count` indices, evenly spread."""
+    if count <= limit:
+        return np.arange(count)
+    return np.linspace(0, count - 1, limit).round().astype(int)
+
+
 @torch.no_grad()
-def generic_keys(model: PreTrainedModel, prompts: Sequence[Sequence[int]], limit: int = NEUTRAL_POSITIONS,
-                 adapter: ArchitectureAdapter | None = None) -> list[np.ndarray]:
-    """Per layer the down projection's inputs over generic prompts (every position but the first), at most `limit`."""
+def generic_keys(model: PreTrainedModel, prompts: Sequence[Sequence[int]], limit: int = GENERIC_POSITIONS,
+                 adapter: ArchitectureAdapter | None = None, *, answer_tokens: int = 0,
+                 stop_ids: Sequence[int] = ()) -> list[np.ndarray]:
+    """Per layer the down projection's inputs over generic prompts, at most `limit` rows [rows, d_ff].
+
+    Without `answer_tokens`: every position but the first (an attention sink), evenly sampled. With it,
+    each prompt is followed by the model's own greedy answer, and the answer positions (the last prompt
+    token and the answer's tokens but the last: where an adapter acts when the model answers) come
+    first; the prompts' other positions fill what is left of `limit`, evenly sampled.
+    """
     adapter = adapter or adapter_for(model)
-    per_layer: list[list[torch.Tensor]] = [[] for _ in range(adapter.num_layers(model))]
-    for ids in prompts:
+    num_layers = adapter.num_layers(model)
+    replies = (greedy_answers(model, prompts, answer_tokens, stop_ids) if answer_tokens > 0
+               else [[] for _ in prompts])
+    at_answers: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+    elsewhere: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+    for ids, reply in zip(prompts, replies, strict=True):
+        ids = list(ids) + list(reply[:-1])
         tap = _RecordKeys()
         with tapped(model, adapter, tap):
-            model(input_ids=torch.tensor([list(ids)], device=model.device))
+            model(input_ids=torch.tensor([ids], device=model.device))
+        first_answer = len(ids) - len(reply) - 1 if reply else len(ids) - 1  # in rows from position 1 on
         for layer_idx, keys in tap.keys.items():
-            per_layer[layer_idx].append(keys)
-    stacked = [torch.cat(keys).numpy() for keys in per_layer]
-    total = stacked[0].shape[0]
-    if total > limit:
-        chosen = np.linspace(0, total - 1, limit).round().astype(int)
-        stacked = [keys[chosen] for keys in stacked]
-    return stacked
+            at_answers[layer_idx].append(keys[first_answer:] if reply else keys[:0])
+            elsewhere[layer_idx].append(keys[:first_answer] if reply else keys)
+    answer_rows = [torch.cat(keys).numpy() for keys in at_answers]
+    other_rows = [torch.cat(keys).numpy() for keys in elsewhere]
+    chosen_answers = _evenly(len(answer_rows[0]), limit)
+    chosen_others = _evenly(len(other_rows[0]), limit - len(chosen_answers))
+    return [np.concatenate([answer_rows[layer_idx][chosen_answers], other_rows[layer_idx][chosen_others]])
+            for layer_idx in range(num_layers)]
 
 
 # ---- the fit -------------------------------------------------------------------------------------------

@@ -261,3 +261,34 @@ def test_refinement_brings_the_adapted_model_closer_to_the_one_with_the_memory()
     direct = answers.fit_answer_patches(patches, rank=16, ridge=1e-3)
     refined = answers.fit_answer_patches(patches, rank=16, ridge=1e-3, model=model, prompts=pairs, refinements=1)
     assert distance(refined) < 0.7 * distance(direct)
+
+
+def test_generic_keys_put_every_answer_position_first_then_sample_the_prompts():
+    model = tiny_model("llama")
+    generic = [prompts(seed)[0] for seed in (11, 12)]
+    stop = [VOCAB - 1]
+    replies = [answers.greedy_answer(model, ids, 4, stop) for ids in generic]
+    adapter = adapter_for(model)
+    expected_answers, expected_prompts = [], []
+    for ids, reply in zip(generic, replies, strict=True):
+        recorded = {}
+        down = adapter.blocks(model)[1].get_submodule(adapter.down_proj)
+        handle = down.register_forward_hook(lambda module, args, output: recorded.update(key=args[0][0].clone()))
+        try:
+            with torch.no_grad():
+                model(torch.tensor([ids + reply[:-1]]))
+        finally:
+            handle.remove()
+        expected_answers.append(recorded["key"][len(ids) - 1:])
+        expected_prompts.append(recorded["key"][1:len(ids) - 1])
+    answer_rows = torch.cat(expected_answers).numpy()
+    prompt_rows = torch.cat(expected_prompts).numpy()
+
+    keys = answers.generic_keys(model, generic, limit=len(answer_rows) + 5, answer_tokens=4, stop_ids=stop)
+    assert keys[1].shape == (len(answer_rows) + 5, answer_rows.shape[1])
+    np.testing.assert_allclose(keys[1][: len(answer_rows)], answer_rows, rtol=1e-4, atol=1e-5)
+    chosen = np.linspace(0, len(prompt_rows) - 1, 5).round().astype(int)
+    np.testing.assert_allclose(keys[1][len(answer_rows):], prompt_rows[chosen], rtol=1e-4, atol=1e-5)
+
+    plain = answers.generic_keys(model, generic, limit=10_000)
+    assert len(plain[1]) == sum(len(ids) - 1 for ids in generic)

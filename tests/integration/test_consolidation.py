@@ -96,6 +96,8 @@ def test_a_memory_becomes_a_listed_adapter_checked_like_an_edit(database_url, ti
     from peft import PeftModel
 
     config = json.loads((record.path / "adapter_config.json").read_text())
+    metadata = json.loads((record.path / "icldaemon.json").read_text())
+    assert metadata["refinements"] == 1 and metadata["preservation"] == 1.0
     assert not config.get("lora_bias") and all(name.endswith("mlp.down_proj") for name in config["target_modules"])
     peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny.model), str(record.path)).eval()
     kls, kept = [], []
