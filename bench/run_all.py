@@ -38,7 +38,7 @@ QUICK = {
     "storage": {"runs": 50, "tokens": 2048, "real_prompts": 1, "repeat": 1, "aggregate_repeat": 1,
                 "ceiling_prompts": 30},
     "end-to-end": {"rounds": 1},
-    "consolidation": {"facts": 2, "distil_facts": 1, "distil_steps": 20},
+    "consolidation": {"facts": 2, "folds": 1, "distil_facts": 1, "distil_steps": 20},
 }
 FULL = {
     "engine": {"tokens": (120, 512, 2048), "long": True},
