@@ -154,7 +154,8 @@ def pooled_folds(rows: list[dict]) -> dict:
 
 def run(facts: int | None = None, distil_facts: int = 1, rank: int = answers.RANK, ridge: float = answers.RIDGE,
         preservation: float = answers.PRESERVATION, distil_steps: int = 125, folds: int = FOLDS,
-        refinements: int = answers.REFINEMENTS, progress=print, explain: bool = False) -> dict:
+        refinements: int = answers.REFINEMENTS, progress=None, explain: bool = False) -> dict:
+    progress = progress or (lambda message: print(message, flush=True))  # shown at once also when redirected
     if not 1 <= folds <= FOLDS:
         raise SystemExit(f"--folds must be between 1 and {FOLDS}, got {folds}")
     loaded = load_model(None, models_dir=load_settings().models_dir, device="cpu", dtype="float32")
