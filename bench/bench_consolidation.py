@@ -7,9 +7,10 @@ questions about the two other memories (irrelevant: the memory is in the prompt 
 Each retrieval gives the exact patch of removing the memory at every answer position of the model's
 own with-memory answer, computed once. The questions are dealt into 5 folds of 4; for each fold one
 down-projection LoRA is fitted on the other 16 questions and the 8 irrelevant retrievals, with a
-preservation term on the shipped generic prompts (icldaemon/data/generic.json) and one refinement on the
-adapted model's own keys, as `icldaemon consolidate` fits, and checked on the fold's 4 (five-fold cross-validation:
-every question is held out once, 20 held-out answers per fact instead of 4). Checked on:
+preservation term on the shipped generic prompts (icldaemon/data/generic.json) and one refinement on
+the adapted model's own keys, as `icldaemon consolidate` fits, and checked on the fold's 4 (five-fold
+cross-validation: every question is held out once, 20 held-out answers per fact instead of 4).
+Checked on:
 
 - answer level: the held-out questions, greedy 16-token answers naming the fact with the memory in
   context, without it, and without it but with the adapter; the mean KL to the with-memory model over
@@ -173,14 +174,14 @@ def run(facts: int | None = None, distil_facts: int = 1, rank: int = answers.RAN
     per_fact, adapters, held = {}, {}, {}
     for index, fact in enumerate(chosen):
         relevant, irrelevant, leaks = bench.retrievals(index)
+        pairs = relevant + irrelevant
         patches, answer_seconds, patch_seconds = bench.answer_patches(
-            relevant + irrelevant, lambda done, total: print(f"    retrieval {done}/{total}", end="\r", flush=True))
+            pairs, lambda done, total: print(f"    retrieval {done}/{total}", end="\r", flush=True))
         fold_rows = []
         for fold in range(folds):
             held_indices = [i for i in range(len(relevant)) if fold_of(i) == fold]
             fit_indices = [i for i in range(len(relevant)) if fold_of(i) != fold]
             fit_indices += [len(relevant) + i for i in range(len(irrelevant))]
-            pairs = relevant + irrelevant
             fit_started = time.perf_counter()
             adapter = answers.fit_answer_patches(
                 [patches[i] for i in fit_indices], generic, rank=rank, ridge=ridge, preservation=preservation,

@@ -280,7 +280,8 @@ class Consolidator:
         for patch in fit:
             rebuilt = self._rebuilt(connection, patch, "refinement_skipped")
             if rebuilt is not None:
-                examples.append(answers.RefineExample(rebuilt[0].input_ids, rebuilt[1], patch.answer_ids))
+                prompt, without_ids, *_source = rebuilt
+                examples.append(answers.RefineExample(prompt.input_ids, without_ids, patch.answer_ids))
         return examples
 
     def _held_out(self, connection: queue.Connection, held_out: list[store.StoredAnswerPatch]) -> _HeldOut:

@@ -298,10 +298,11 @@ def generic_keys(model: PreTrainedModel, prompts: Sequence[Sequence[int]], limit
         tap = _RecordKeys()
         with tapped(model, adapter, tap):
             model(input_ids=torch.tensor([ids], device=model.device))
-        first_answer = len(ids) - len(reply) - 1 if reply else len(ids) - 1  # in rows from position 1 on
+        # the last prompt token, in rows from position 1 on; without a reply, past the last row
+        first_answer = len(ids) - len(reply) - 1
         for layer_idx, keys in tap.keys.items():
-            at_answers[layer_idx].append(keys[first_answer:] if reply else keys[:0])
-            elsewhere[layer_idx].append(keys[:first_answer] if reply else keys)
+            at_answers[layer_idx].append(keys[first_answer:])
+            elsewhere[layer_idx].append(keys[:first_answer])
     answer_rows = [torch.cat(keys).numpy() for keys in at_answers]
     other_rows = [torch.cat(keys).numpy() for keys in elsewhere]
     chosen_answers = _evenly(len(answer_rows[0]), limit)
@@ -446,9 +447,9 @@ class _Increments(Tap):
         self.key[layer_idx] = inputs[0, self.positions].detach().clone()
         if self.lora is None:
             return None
-        patched = self.lora.down_output(layer_idx, inputs, output)
-        self.added[layer_idx] = (patched - output)[0, self.positions]
-        return patched
+        added = self.lora.addition(layer_idx, inputs)
+        self.added[layer_idx] = added[0, self.positions]
+        return output + added
 
     def layer_output(self, layer_idx, hidden_states, state):
         self.increment[layer_idx] = hidden_states[0, self.positions] - self.hidden_in.pop(layer_idx)
@@ -510,8 +511,12 @@ class _DownProjectionTap(Tap):
         self.lora_A = torch.as_tensor(patch.lora_A, dtype=dtype, device=device)
         self.lora_B = torch.as_tensor(patch.lora_B, dtype=dtype, device=device)
 
+    def addition(self, layer_idx, inputs):
+        """What the patch adds to the down projection's output for these inputs."""
+        return (inputs @ self.lora_A[layer_idx].T) @ self.lora_B[layer_idx].T
+
     def down_output(self, layer_idx, inputs, output):
-        return output + (inputs @ self.lora_A[layer_idx].T) @ self.lora_B[layer_idx].T
+        return output + self.addition(layer_idx, inputs)
 
 
 @contextmanager
