@@ -25,7 +25,7 @@ Checked on:
   AdamW on the same answer tokens), the same figures and its time, on the first fold of the first
   `--distil-facts` facts, beside our adapter of the same fold.
 
-    .venv/bin/python bench/bench_consolidation.py [--facts 12] [--folds 5] [--distil-facts 1] [--rank 4] [--explain]
+    .venv/bin/python bench/bench_consolidation.py [--facts 12] [--folds 5] [--distil-facts 1] [--rank 8] [--explain]
 
 `--explain` also prints, per fact, its held-out questions with the answers with the memory and with the
 adapter, and the neutral prompts whose greedy next token the adapter changes, with the base model's

@@ -648,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="what one adapter covers (default: ICLD_CONSOLIDATE_SCOPE, else memory)")
     consolidate.add_argument("--rank", type=_at_least_one,
                              help="LoRA rank; lowered, with a warning, where there are fewer (retrieval, answer "
-                                  "position) pairs to fit (default: ICLD_CONSOLIDATE_RANK, else 4)")
+                                  "position) pairs to fit (default: ICLD_CONSOLIDATE_RANK, else 8)")
     consolidate.add_argument("--min-patches", type=_whole_number_at_least(2, " (one retrieval to fit, one held out)"),
                              help="new retrievals a group needs (default: ICLD_CONSOLIDATE_MIN_PATCHES, else 8)")
     consolidate.add_argument("--ridge", type=_positive_number,
