@@ -416,6 +416,12 @@ def cmd_consolidate(args, settings: Settings) -> int:
     from icldaemon.store.migrate import require_head
 
     # the numbers are checked by argparse; the database and the model name before torch is imported
+    if args.method == "distillation":
+        given = [option for option, value in (("--ridge", args.ridge), ("--preservation", args.preservation),
+                                              ("--refinements", args.refinements)) if value is not None]
+        if given:
+            raise BadInputError(f"{', '.join(given)} belong to the down_projection fit; --method distillation trains "
+                                "by gradient steps and takes none of them")
     with database_url(settings) as url:
         require_head(url)
         _check_model_name(settings.model)
@@ -428,7 +434,7 @@ def cmd_consolidate(args, settings: Settings) -> int:
             scope=args.scope or ("memory" if args.memory_id is not None else
                                  "session" if args.session_id is not None else None),
             memory_id=args.memory_id, session_id=args.session_id, rank=args.rank, min_patches=args.min_patches,
-            ridge=args.ridge, preservation=args.preservation, refinements=args.refinements,
+            ridge=args.ridge, preservation=args.preservation, refinements=args.refinements, method=args.method,
         )
         loaded = load_configured_model(settings)
         records = Consolidator(url, loaded, settings.adapters_dir).run(request)
@@ -460,7 +466,7 @@ def cmd_adapters(args, settings: Settings) -> int:
           f"{'with':>5} {'w/o':>5} {'LoRA':>5}  {'neutral':>7} {'kept':>5} {'leak':>5}  path")
     for row in rows:
         status = row["status"] + ("*" if row["current"] else "")
-        if row["method"] != "down_projection":
+        if row["method"] == "gate_up_bias":  # versions before schema revision 0006: only the figure they had
             figures = f"{'(' + row['method'] + ', recovered ' + share(row['recovered_all']).strip() + ')':<49}"
         else:
             figures = (f"{share(row['with_memory_rate'])} {share(row['without_memory_rate'])} "
@@ -661,6 +667,10 @@ def build_parser() -> argparse.ArgumentParser:
                              help="refits on the keys the adapted model itself produces, each one more pass over the "
                                   "fitted retrievals; 0: the exact patches' keys only (default: "
                                   "ICLD_CONSOLIDATE_REFINEMENTS, else 1)")
+    consolidate.add_argument("--method", choices=["down_projection", "distillation"], default="down_projection",
+                             help="down_projection: the exact patches fitted (the default); distillation: the "
+                                  "baseline, a LoRA of the same form trained by gradient steps on the same retrievals' "
+                                  "answers (minutes to hours on a CPU; this command only, not the daemon's schedule)")
     consolidate.set_defaults(handler=cmd_consolidate)
 
     adapters = commands.add_parser("adapters", help="list the adapter versions with their status and figures")

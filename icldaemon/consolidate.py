@@ -5,7 +5,8 @@ loaded model, weights revision and method version. When a group has at least `mi
 patches (retrievals) that no adapter of it has used, they are split by age: the newest `held_out`
 share is kept out of the fit. The rest, relevant retrievals and irrelevant ones alike, are fitted into
 a LoRA on the down projections with a preservation term on the shipped generic prompts, then refitted on
-the keys the adapted model itself produces (docs/method.md §7). The held-out retrievals, rebuilt from
+the keys the adapted model itself produces (docs/method.md §7); with method `distillation`, a LoRA of the
+same form is trained on them by context distillation instead, the baseline. The held-out retrievals, rebuilt from
 the database, measure it like a model edit: answer level, the answer tokens' KL, specificity on the
 neutral prompts, leak. A quality gate accepts or rejects the version; a rejected version is listed with
 its reason and never current.
@@ -41,7 +42,9 @@ from icldaemon.store import adapters as store
 from icldaemon.store import queue
 
 SCOPES = ("memory", "session", "all")
-METHOD = "down_projection"
+METHOD = "down_projection"  # the exact patches fitted (docs/method.md §7)
+DISTILLATION = "distillation"  # context distillation by gradient steps, the baseline (engine/distillation.py)
+METHODS = (METHOD, DISTILLATION)
 MIN_PATCHES = 8  # new retrievals a group needs before a new adapter version is fitted
 HELD_OUT = 0.25  # share of a group's retrievals (the newest) kept out of the fit to check the adapter
 INTERVAL_MINUTES = 60.0  # minutes between scheduled consolidations
@@ -121,6 +124,7 @@ class ConsolidationRequest:
     refinements: int = answers.REFINEMENTS
     held_out: float = HELD_OUT
     gate: QualityGate = QualityGate()
+    method: str = METHOD
 
     def __post_init__(self):
         if self.scope not in SCOPES:
@@ -141,6 +145,8 @@ class ConsolidationRequest:
             raise BadInputError(f"refinements must not be negative, got {self.refinements}")
         if not 0 < self.held_out < 1:
             raise BadInputError(f"held_out must be between 0 and 1, got {self.held_out}")
+        if self.method not in METHODS:
+            raise BadInputError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
 
     @classmethod
     def from_settings(cls, settings: ConsolidationSettings, **overrides) -> "ConsolidationRequest":
@@ -176,6 +182,7 @@ class AdapterRecord:
     neutral: edit_figures.Specificity
     leak: edit_figures.Leak
     fit_seconds: float
+    method: str = METHOD
 
 
 @dataclass
@@ -274,11 +281,13 @@ class Consolidator:
             return None
         return prompt, prompt.without({label}), messages, text, retrievals
 
-    def _refine_examples(self, connection: queue.Connection,
-                         fit: list[store.StoredAnswerPatch]) -> list[answers.RefineExample]:
+    def _refine_examples(self, connection: queue.Connection, fit: list[store.StoredAnswerPatch],
+                         event: str = "refinement_skipped") -> list[answers.RefineExample]:
+        """The fitted retrievals as the model runs them, with and without the memory (each rebuilt from the
+        database; one that cannot be is logged as `event` and left out)."""
         examples = []
         for patch in fit:
-            rebuilt = self._rebuilt(connection, patch, "refinement_skipped")
+            rebuilt = self._rebuilt(connection, patch, event)
             if rebuilt is not None:
                 prompt, without_ids, *_source = rebuilt
                 examples.append(answers.RefineExample(prompt.input_ids, without_ids, patch.answer_ids))
@@ -304,6 +313,37 @@ class Consolidator:
                 irrelevant.append(without_ids)
         return _HeldOut(relevant, irrelevant, frozenset(all_words))
 
+    def _fitted(self, connection: queue.Connection, fit: list[store.StoredAnswerPatch], request: ConsolidationRequest,
+                generic: list[np.ndarray]) -> answers.DownProjectionPatch:
+        a_tilde = np.concatenate([patch.a_tilde for patch in fit], axis=1)  # [num_layers, pairs, d_model]
+        keys = answers.keys_from_inputs(self.loaded.model, a_tilde, self.adapter)
+        values = [np.concatenate([patch.value[layer_idx] for patch in fit]) for layer_idx in range(self.num_layers)]
+        patch = answers.fit_down_projection(keys, values, generic, rank=request.rank, ridge=request.ridge,
+                                            preservation=request.preservation)
+        if request.refinements:
+            patch = answers.refine(self.loaded.model, patch, keys, values, self._refine_examples(connection, fit),
+                                   generic, ridge=request.ridge, preservation=request.preservation,
+                                   refinements=request.refinements, adapter=self.adapter)
+        return patch
+
+    def _distilled(self, connection: queue.Connection, fit: list[store.StoredAnswerPatch],
+                   request: ConsolidationRequest, log) -> answers.DownProjectionPatch:
+        """The baseline: a LoRA of the same form trained by context distillation on the fitted retrievals'
+        answers (their stored patches are not used, only which retrievals and answers they are)."""
+        from icldaemon.engine.distillation import STEPS, DistillationExample, distil
+
+        examples = [DistillationExample(example.with_ids, example.without_ids, example.answer_ids)
+                    for example in self._refine_examples(connection, fit, "distillation_skipped")]
+        if not examples:
+            raise ConsolidationError(f"none of the {len(fit)} fitted retrievals' prompts can be rebuilt to distil on")
+        every = max(1, STEPS // 10)
+
+        def progress(step: int, loss: float) -> None:
+            if step % every == 0 or step == STEPS:
+                log.info("distillation_progress", step=step, steps=STEPS, loss=round(loss, 6))
+
+        return distil(self.loaded.model, examples, rank=request.rank, steps=STEPS, progress=progress)
+
     def consolidate_group(self, connection: queue.Connection, request: ConsolidationRequest,
                           scope_key: str) -> AdapterRecord:
         patches = store.answer_patches(connection, self.key, scope=request.scope, scope_key=scope_key,
@@ -318,17 +358,12 @@ class Consolidator:
         log.info("consolidation_started")
         generic, baseline = self.neutral()
         started = time.perf_counter()
-        a_tilde = np.concatenate([patch.a_tilde for patch in fit], axis=1)  # [num_layers, pairs, d_model]
-        keys = answers.keys_from_inputs(self.loaded.model, a_tilde, self.adapter)
-        values = [np.concatenate([patch.value[layer_idx] for patch in fit]) for layer_idx in range(self.num_layers)]
-        patch = answers.fit_down_projection(keys, values, generic, rank=request.rank, ridge=request.ridge,
-                                            preservation=request.preservation)
-        if request.refinements:
-            patch = answers.refine(self.loaded.model, patch, keys, values, self._refine_examples(connection, fit),
-                                   generic, ridge=request.ridge, preservation=request.preservation,
-                                   refinements=request.refinements, adapter=self.adapter)
+        if request.method == DISTILLATION:
+            patch = self._distilled(connection, fit, request, log)
+        else:
+            patch = self._fitted(connection, fit, request, generic)
         fit_seconds = time.perf_counter() - started
-        log.info("adapter_fitted", pairs=patch.pairs, seconds=round(fit_seconds, 3))
+        log.info("adapter_fitted", method=request.method, pairs=patch.pairs, seconds=round(fit_seconds, 3))
         if patch.rank < request.rank:
             reason = (f"only {patch.pairs} (retrieval, answer position) pairs to fit, from {len(fit)} retrieval(s)"
                       if patch.pairs < request.rank else f"the model's width is {self.d_model}")
@@ -347,11 +382,19 @@ class Consolidator:
         directory = self.adapters_dir / _slug(self.loaded.name) / _slug(scope_key) / f"v{version}"
         figures = {"answer": None if level is None else {k: v for k, v in asdict(level).items() if k != "answers"},
                    "neutral": asdict(neutral), "leak": asdict(leak)}
+        if request.method == DISTILLATION:
+            from icldaemon.engine.distillation import LEARNING_RATE, STEPS
+
+            # no ridge and no preservation term: the ridge column holds 0, as the fit's record does
+            fit_parameters = {"ridge": 0.0, "preservation": None, "refinements": None, "steps": STEPS,
+                              "learning_rate": LEARNING_RATE}
+        else:
+            fit_parameters = {"ridge": request.ridge, "preservation": request.preservation,
+                              "refinements": request.refinements}
         metadata = {
-            "scope_key": scope_key, "version": version, "model": self.loaded.name, "method": METHOD,
+            "scope_key": scope_key, "version": version, "model": self.loaded.name, "method": request.method,
             "method_version": METHOD_VERSION, "model_revision": self.loaded.revision, "rank": patch.rank,
-            "ridge": request.ridge, "preservation": request.preservation, "refinements": request.refinements,
-            "status": status, "status_reason": reason,
+            **fit_parameters, "status": status, "status_reason": reason,
             "fit_patches": [[p.run_id, p.memory_id] for p in fit],
             "held_out_patches": [[p.run_id, p.memory_id] for p in held_out], "figures": figures,
         }
@@ -361,9 +404,9 @@ class Consolidator:
             "memory_id": fit[0].memory_id if request.scope == "memory" else None,
             "session_id": scope_key.removeprefix("session:") if request.scope == "session" else None,
             **self.key.parameters(), "version": version, "layers": list(range(patch.num_layers)),
-            "rank": patch.rank, "ridge": request.ridge, "patch_count": len(fit), "held_out_count": len(held_out),
-            "path": str(directory), "method": METHOD, "status": status, "status_reason": reason,
-            "preservation": request.preservation, "fit_seconds": fit_seconds,
+            "rank": patch.rank, "ridge": fit_parameters["ridge"], "patch_count": len(fit),
+            "held_out_count": len(held_out), "path": str(directory), "method": request.method, "status": status,
+            "status_reason": reason, "preservation": fit_parameters["preservation"], "fit_seconds": fit_seconds,
             "answer_examples": 0 if level is None else level.examples,
             "with_memory_rate": _finite_or_none(level and level.with_memory_rate),
             "without_memory_rate": _finite_or_none(level and level.without_memory_rate),
@@ -385,11 +428,11 @@ class Consolidator:
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
-        log.info("adapter_written", adapter_id=adapter_id, version=version, path=str(directory), rank=patch.rank,
-                 status=status, reason=reason, adapter_rate=row["adapter_rate"],
+        log.info("adapter_written", adapter_id=adapter_id, version=version, path=str(directory), method=request.method,
+                 rank=patch.rank, status=status, reason=reason, adapter_rate=row["adapter_rate"],
                  with_memory_rate=row["with_memory_rate"], neutral_kl=row["neutral_kl"], leak_rate=row["leak_rate"])
         return AdapterRecord(adapter_id, scope_key, version, directory, len(fit), len(held_out), status, reason,
-                             level, neutral, leak, fit_seconds)
+                             level, neutral, leak, fit_seconds, request.method)
 
     def _write_directory(self, directory: Path, listed: set[str], patch, metadata: dict) -> None:
         """Write into a temporary sibling and rename it into place: a directory there is complete."""
@@ -448,7 +491,8 @@ def describe(record: AdapterRecord) -> str:
               f"{level.answer_kl_without:.3f} -> {level.answer_kl_adapter:.3f} nats")
     leaked = f"leak {leak.rate:.0%} of {leak.examples}" if leak.examples else "no question to check a leak on"
     verdict = record.status + (f" ({record.status_reason})" if record.status_reason else "")
-    return (f"{record.scope_key} v{record.version} {verdict}: fitted on {record.patch_count} retrievals in "
+    fitted = "distilled" if record.method == DISTILLATION else "fitted"
+    return (f"{record.scope_key} v{record.version} {verdict}: {fitted} on {record.patch_count} retrievals in "
             f"{record.fit_seconds:.1f} s, checked on {record.held_out_count} held out: {answer}; neutral prompts: KL "
             f"{neutral.mean_kl:.4f} nats, next token kept {neutral.next_token_unchanged:.0%}, continuation kept "
             f"{neutral.continuation_unchanged:.0%}; {leaked}\n  {record.path}")

@@ -276,3 +276,62 @@ def test_generate_shows_the_adapter_beside_the_memory(database_url, tiny, tiny_d
     missing = subprocess.run([*command[:5], "9999", *command[6:]], env=environment, capture_output=True, text=True,
                              timeout=300)
     assert missing.returncode == 1 and "adapter 9999 does not exist" in missing.stderr
+
+
+def answer_kl(model, with_model, with_ids: list[int], without_ids: list[int], answer_ids: list[int]) -> float:
+    """Mean KL(with the memory || `model` without it) over the teacher-forced answer positions: the test's own."""
+    def at_answer(m, prompt):
+        with torch.no_grad():
+            logits = m(input_ids=torch.tensor([prompt + answer_ids[:-1]])).logits[0, len(prompt) - 1:]
+        return torch.log_softmax(logits.double(), dim=-1)
+
+    teacher, student = at_answer(with_model, with_ids), at_answer(model, without_ids)
+    return float((teacher.exp() * (teacher - student)).sum(-1).mean())
+
+
+def test_the_distillation_method_trains_the_baseline_on_the_same_retrievals(database_url, tiny, tmp_path):
+    from peft import PeftModel
+
+    from icldaemon.engine.distillation import LEARNING_RATE, STEPS
+
+    fact_id = measure_questions(database_url, tiny, QUESTIONS[:4], OTHERS[:4])
+    with structlog.testing.capture_logs() as logs:
+        [record] = Consolidator(database_url, tiny, tmp_path).run(
+            ConsolidationRequest(memory_id=fact_id, rank=2, min_patches=4, method="distillation"))
+
+    assert (record.method, record.patch_count, record.held_out_count) == ("distillation", 3, 1)
+    steps = [entry["step"] for entry in logs if entry["event"] == "distillation_progress"]
+    assert steps[-1] == STEPS and len(steps) in (10, 11) and steps == sorted(steps)
+    with psycopg.connect(database_url) as connection:
+        row = connection.execute("SELECT method, ridge, preservation, rank FROM adapters WHERE id = %s",
+                                 (record.id,)).fetchone()
+        fitted = connection.execute(
+            "SELECT prompts.messages, answers.answer_ids, answers.run_id FROM adapter_patches "
+            "JOIN memory_answer_patches AS answers USING (run_id, memory_id) "
+            "JOIN measurement_runs ON measurement_runs.id = answers.run_id "
+            "JOIN prompts ON prompts.id = measurement_runs.prompt_id "
+            "WHERE adapter_patches.adapter_id = %s AND adapter_patches.role = 'fit' ORDER BY answers.run_id",
+            (record.id,)).fetchall()
+        others = {run_id: Memory(content=content, key=key, id=memory_id)
+                  for run_id, memory_id, key, content in connection.execute(
+                      "SELECT measurement_runs.id, memories.id, memories.key, memories.content FROM measurement_runs "
+                      "JOIN memory_retrievals ON memory_retrievals.prompt_id = measurement_runs.prompt_id "
+                      "JOIN memories ON memories.id = memory_retrievals.memory_id WHERE memories.id <> %s",
+                      (fact_id,))}
+    assert row == ("distillation", 0.0, None, 2)
+    metadata = json.loads((record.path / "icldaemon.json").read_text())
+    assert (metadata["method"], metadata["steps"], metadata["learning_rate"], metadata["refinements"]) == (
+        "distillation", STEPS, LEARNING_RATE, None)
+
+    # the adapter as PEFT loads it brings the model without the memory closer to the model with it on the
+    # answers it was trained on (prompts rendered by the test from the stored messages and memories)
+    adapted = PeftModel.from_pretrained(copy.deepcopy(tiny.model), str(record.path)).eval()
+    fact = Memory(content=FACT, key="locker", id=fact_id)
+    before, after = [], []
+    for messages, answer_ids, run_id in fitted:
+        other = others[run_id]
+        with_ids = build_prompt(tiny.tokenizer, messages=messages, memories=[fact, other]).input_ids
+        without_ids = build_prompt(tiny.tokenizer, messages=messages, memories=[other]).input_ids
+        before.append(answer_kl(tiny.model, tiny.model, with_ids, without_ids, list(answer_ids)))
+        after.append(answer_kl(adapted, tiny.model, with_ids, without_ids, list(answer_ids)))
+    assert np.mean(after) < 0.5 * np.mean(before), (before, after)

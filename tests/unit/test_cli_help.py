@@ -76,3 +76,14 @@ def test_numbers_are_refused_before_any_work_naming_the_option(capsys, arguments
         build_parser().parse_args(arguments)
     assert exited.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(message)
+
+
+def test_distillation_refuses_the_fit_options_naming_them(capsys):
+    from icldaemon.cli import EXIT_ERROR, main
+
+    code = main(["consolidate", "--method", "distillation", "--ridge", "0.1", "--refinements", "2"])
+
+    assert code == EXIT_ERROR
+    assert capsys.readouterr().err.strip() == (
+        "icldaemon: --ridge, --refinements belong to the down_projection fit; --method distillation trains by "
+        "gradient steps and takes none of them")
