@@ -7,6 +7,7 @@ import pytest
 from icldaemon.cli import build_parser
 from icldaemon.consolidate import MIN_PATCHES
 from icldaemon.engine.answers import PRESERVATION, RANK, RIDGE
+from icldaemon.exceptions import BadInputError
 
 
 def subparsers(parser: argparse.ArgumentParser, prefix: str = "icldaemon") -> dict[str, argparse.ArgumentParser]:
@@ -78,12 +79,14 @@ def test_numbers_are_refused_before_any_work_naming_the_option(capsys, arguments
     assert capsys.readouterr().err.splitlines()[-1].endswith(message)
 
 
-def test_distillation_refuses_the_fit_options_naming_them(capsys):
-    from icldaemon.cli import EXIT_ERROR, main
+def test_distillation_refuses_the_fit_options_naming_them():
+    from icldaemon.cli import cmd_consolidate
+    from icldaemon.settings import load_settings
 
-    code = main(["consolidate", "--method", "distillation", "--ridge", "0.1", "--refinements", "2"])
+    args = build_parser().parse_args(["consolidate", "--method", "distillation", "--ridge", "0.1", "--refinements", "2"])
 
-    assert code == EXIT_ERROR
-    assert capsys.readouterr().err.strip() == (
-        "icldaemon: --ridge, --refinements belong to the down_projection fit; --method distillation trains by "
-        "gradient steps and takes none of them")
+    # refused before the database or the model is touched
+    with pytest.raises(BadInputError) as refused:
+        cmd_consolidate(args, load_settings())
+    assert str(refused.value) == ("--ridge, --refinements belong to the down_projection fit; --method distillation "
+                                  "trains by gradient steps and takes none of them")
