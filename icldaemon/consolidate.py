@@ -215,7 +215,8 @@ class Consolidator:
         self.key = store.GroupKey(loaded.name, loaded.revision or None, METHOD_VERSION)
         self.stop = answers.stop_token_ids(loaded.model, loaded.tokenizer)
         self.log = get_logger(model=loaded.name)
-        self._neutral: tuple[list[np.ndarray], edit_figures.NeutralBaseline] | None = None
+        self._generic: list[np.ndarray] | None = None
+        self._baseline: edit_figures.NeutralBaseline | None = None
 
     def _chat_prompts(self, chats: list[list[dict]]) -> list[list[int]]:
         prompts = []
@@ -226,17 +227,21 @@ class Consolidator:
                 prompts.append(self.loaded.tokenizer(chat[-1]["content"])["input_ids"])
         return prompts
 
-    def neutral(self) -> tuple[list[np.ndarray], edit_figures.NeutralBaseline]:
-        """The shipped generic prompts' keys (for the preservation term) and the base behaviour on the shipped
-        neutral prompts (for the checks), computed once. The two sets share no prompt."""
-        if self._neutral is None:
-            self._neutral = (
-                answers.generic_keys(self.loaded.model, self._chat_prompts(load_generic()), adapter=self.adapter,
-                                     answer_tokens=answers.ANSWER_TOKENS, stop_ids=self.stop),
-                edit_figures.neutral_baseline(self.loaded.model, self._chat_prompts(load_neutral()),
-                                              stop_ids=self.stop),
-            )
-        return self._neutral
+    def generic(self) -> list[np.ndarray]:
+        """The shipped generic prompts' keys, for the fit's preservation term; computed once."""
+        if self._generic is None:
+            self._generic = answers.generic_keys(self.loaded.model, self._chat_prompts(load_generic()),
+                                                 adapter=self.adapter, answer_tokens=answers.ANSWER_TOKENS,
+                                                 stop_ids=self.stop)
+        return self._generic
+
+    def baseline(self) -> edit_figures.NeutralBaseline:
+        """The base behaviour on the shipped neutral prompts, for the checks; computed once. The neutral and
+        the generic prompts share no prompt."""
+        if self._baseline is None:
+            self._baseline = edit_figures.neutral_baseline(self.loaded.model, self._chat_prompts(load_neutral()),
+                                                           stop_ids=self.stop)
+        return self._baseline
 
     # --- which groups
 
@@ -314,7 +319,8 @@ class Consolidator:
         return _HeldOut(relevant, irrelevant, frozenset(all_words))
 
     def _fitted(self, connection: queue.Connection, fit: list[store.StoredAnswerPatch], request: ConsolidationRequest,
-                generic: list[np.ndarray]) -> answers.DownProjectionPatch:
+                generic: list[np.ndarray]) -> tuple[answers.DownProjectionPatch, dict]:
+        """The exact patches fitted; with the parameters the version records."""
         a_tilde = np.concatenate([patch.a_tilde for patch in fit], axis=1)  # [num_layers, pairs, d_model]
         keys = answers.keys_from_inputs(self.loaded.model, a_tilde, self.adapter)
         values = [np.concatenate([patch.value[layer_idx] for patch in fit]) for layer_idx in range(self.num_layers)]
@@ -324,13 +330,16 @@ class Consolidator:
             patch = answers.refine(self.loaded.model, patch, keys, values, self._refine_examples(connection, fit),
                                    generic, ridge=request.ridge, preservation=request.preservation,
                                    refinements=request.refinements, adapter=self.adapter)
-        return patch
+        return patch, {"ridge": request.ridge, "preservation": request.preservation,
+                       "refinements": request.refinements}
 
     def _distilled(self, connection: queue.Connection, fit: list[store.StoredAnswerPatch],
-                   request: ConsolidationRequest, log) -> answers.DownProjectionPatch:
+                   request: ConsolidationRequest, log) -> tuple[answers.DownProjectionPatch, dict]:
         """The baseline: a LoRA of the same form trained by context distillation on the fitted retrievals'
-        answers (their stored patches are not used, only which retrievals and answers they are)."""
-        from icldaemon.engine.distillation import STEPS, DistillationExample, distil
+        answers (their stored patches are not used, only which retrievals and answers they are); with the
+        parameters the version records: no ridge and no preservation term (the ridge column holds 0, as the
+        trained patch's record does)."""
+        from icldaemon.engine.distillation import LEARNING_RATE, STEPS, DistillationExample, distil
 
         examples = [DistillationExample(example.with_ids, example.without_ids, example.answer_ids)
                     for example in self._refine_examples(connection, fit, "distillation_skipped")]
@@ -342,7 +351,10 @@ class Consolidator:
             if step % every == 0 or step == STEPS:
                 log.info("distillation_progress", step=step, steps=STEPS, loss=round(loss, 6))
 
-        return distil(self.loaded.model, examples, rank=request.rank, steps=STEPS, progress=progress)
+        patch = distil(self.loaded.model, examples, rank=request.rank, steps=STEPS, learning_rate=LEARNING_RATE,
+                       progress=progress)
+        return patch, {"ridge": 0.0, "preservation": None, "refinements": None, "steps": STEPS,
+                       "learning_rate": LEARNING_RATE}
 
     def consolidate_group(self, connection: queue.Connection, request: ConsolidationRequest,
                           scope_key: str) -> AdapterRecord:
@@ -356,12 +368,14 @@ class Consolidator:
         fit, held_out = patches[: count - held_count], patches[count - held_count :]
         log = self.log.bind(scope_key=scope_key, patches=count, held_out=held_count)
         log.info("consolidation_started")
-        generic, baseline = self.neutral()
+        baseline = self.baseline()
+        # the preservation term's keys, which only the fit uses, once per process and outside the fit's time
+        generic = self.generic() if request.method == METHOD else None
         started = time.perf_counter()
         if request.method == DISTILLATION:
-            patch = self._distilled(connection, fit, request, log)
+            patch, fit_parameters = self._distilled(connection, fit, request, log)
         else:
-            patch = self._fitted(connection, fit, request, generic)
+            patch, fit_parameters = self._fitted(connection, fit, request, generic)
         fit_seconds = time.perf_counter() - started
         log.info("adapter_fitted", method=request.method, pairs=patch.pairs, seconds=round(fit_seconds, 3))
         if patch.rank < request.rank:
@@ -382,15 +396,6 @@ class Consolidator:
         directory = self.adapters_dir / _slug(self.loaded.name) / _slug(scope_key) / f"v{version}"
         figures = {"answer": None if level is None else {k: v for k, v in asdict(level).items() if k != "answers"},
                    "neutral": asdict(neutral), "leak": asdict(leak)}
-        if request.method == DISTILLATION:
-            from icldaemon.engine.distillation import LEARNING_RATE, STEPS
-
-            # no ridge and no preservation term: the ridge column holds 0, as the fit's record does
-            fit_parameters = {"ridge": 0.0, "preservation": None, "refinements": None, "steps": STEPS,
-                              "learning_rate": LEARNING_RATE}
-        else:
-            fit_parameters = {"ridge": request.ridge, "preservation": request.preservation,
-                              "refinements": request.refinements}
         metadata = {
             "scope_key": scope_key, "version": version, "model": self.loaded.name, "method": request.method,
             "method_version": METHOD_VERSION, "model_revision": self.loaded.revision, "rank": patch.rank,
