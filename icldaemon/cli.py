@@ -666,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     consolidate.add_argument("--refinements", type=_whole_number_at_least(0),
                              help="refits on the keys the adapted model itself produces, each one more pass over the "
                                   "fitted retrievals; 0: the exact patches' keys only (default: "
-                                  "ICLD_CONSOLIDATE_REFINEMENTS, else 1)")
+                                  "ICLD_CONSOLIDATE_REFINEMENTS, else 2)")
     consolidate.add_argument("--method", choices=["down_projection", "distillation"], default="down_projection",
                              help="down_projection: the exact patches fitted (the default); distillation: the "
                                   "baseline, a LoRA of the same form trained by gradient steps on the same retrievals' "

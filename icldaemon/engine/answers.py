@@ -42,7 +42,7 @@ from icldaemon.settings import ANSWER_TOKENS
 RANK = 8  # rank of the down-projection LoRA (the benchmark: rank 8 answered more held-out questions than 4)
 RIDGE = 0.05  # lambda as a share of the mean squared key norm: scale-free across layers and models
 PRESERVATION = 1.0  # weight of the generic-text rows against the retrieval rows, in total
-REFINEMENTS = 1  # refits on the adapted model's own keys (`refine`)
+REFINEMENTS = 2  # refits on the adapted model's own keys (`refine`; a second one lifted the door code)
 GENERIC_POSITIONS = 1024  # generic-text keys kept per layer, bounding the fit's memory and time
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 METADATA_FILE = "icldaemon.json"
