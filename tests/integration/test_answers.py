@@ -238,6 +238,31 @@ def test_refinement_refits_on_the_adapted_models_own_keys(family):
     np.testing.assert_array_equal(unrefined.lora_A, direct.lora_A)
 
 
+def test_a_second_refinement_replaces_the_first_ones_rows_with_its_own():
+    """Two refinements: the exact patches' rows and the rows of a run under the first refinement's fit, by hand;
+    the first refinement's own rows are not fitted again."""
+    model = tiny_model("llama")
+    cases = [prompts(seed) for seed in (3, 4, 5)]
+    patches = [answers.answer_patch(model, *case) for case in cases]
+    generic = answers.generic_keys(model, [prompts(9)[0]])
+    pairs = [(w, wo) for w, wo, _ in cases]
+    once = answers.fit_answer_patches(patches, generic, rank=4, model=model, prompts=pairs, refinements=1)
+    twice = answers.fit_answer_patches(patches, generic, rank=4, model=model, prompts=pairs, refinements=2)
+    layers = range(adapter_for(model).num_layers(model))
+    rows = [_rows_by_hand(model, once, *case) for case in cases]
+    expected = answers.fit_down_projection(
+        [np.concatenate([*(p.key[layer_idx] for p in patches), *(r[0][layer_idx] for r in rows)])
+         for layer_idx in layers],
+        [np.concatenate([*(p.value[layer_idx] for p in patches), *(r[1][layer_idx] for r in rows)])
+         for layer_idx in layers], generic, rank=4)
+    for layer_idx in layers:
+        np.testing.assert_allclose(twice.lora_B[layer_idx] @ twice.lora_A[layer_idx],
+                                   expected.lora_B[layer_idx] @ expected.lora_A[layer_idx], rtol=1e-4, atol=1e-6)
+    # the first layer's rows are the same in every refinement (its input is the embeddings, whatever the fit);
+    # above it the second run's keys and values differ from the first's
+    assert not np.allclose(twice.lora_B[-1] @ twice.lora_A[-1], once.lora_B[-1] @ once.lora_A[-1], rtol=1e-3)
+
+
 def test_refinement_brings_the_adapted_model_closer_to_the_one_with_the_memory():
     """On the fitted retrievals themselves, at full rank: the adapted model's answer log-probabilities move
     towards the with-memory model's when the fit sees the keys that the adapted model produces."""
