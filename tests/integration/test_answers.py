@@ -213,6 +213,18 @@ def _rows_by_hand(model, patch, with_ids, without_ids, answer):
     return keys, values
 
 
+def _assert_fits_exact_and_refined_rows(fitted, patches, rows, generic, layers):
+    """`fitted` is the fit of the exact patches' rows and the by-hand `rows` together, at rank 4."""
+    expected = answers.fit_down_projection(
+        [np.concatenate([*(p.key[layer_idx] for p in patches), *(r[0][layer_idx] for r in rows)])
+         for layer_idx in layers],
+        [np.concatenate([*(p.value[layer_idx] for p in patches), *(r[1][layer_idx] for r in rows)])
+         for layer_idx in layers], generic, rank=4)
+    for layer_idx in layers:
+        np.testing.assert_allclose(fitted.lora_B[layer_idx] @ fitted.lora_A[layer_idx],
+                                   expected.lora_B[layer_idx] @ expected.lora_A[layer_idx], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "falcon_h1"])
 def test_refinement_refits_on_the_adapted_models_own_keys(family):
     model = tiny_model(family)
@@ -224,14 +236,7 @@ def test_refinement_refits_on_the_adapted_models_own_keys(family):
                                          prompts=[(w, wo) for w, wo, _ in cases], refinements=1)
     layers = range(adapter_for(model).num_layers(model))
     rows = [_rows_by_hand(model, direct, *case) for case in cases]
-    expected = answers.fit_down_projection(
-        [np.concatenate([*(p.key[layer_idx] for p in patches), *(r[0][layer_idx] for r in rows)])
-         for layer_idx in layers],
-        [np.concatenate([*(p.value[layer_idx] for p in patches), *(r[1][layer_idx] for r in rows)])
-         for layer_idx in layers], generic, rank=4)
-    for layer_idx in layers:
-        np.testing.assert_allclose(refined.lora_B[layer_idx] @ refined.lora_A[layer_idx],
-                                   expected.lora_B[layer_idx] @ expected.lora_A[layer_idx], rtol=1e-4, atol=1e-6)
+    _assert_fits_exact_and_refined_rows(refined, patches, rows, generic, layers)
     assert refined.pairs == direct.pairs == sum(p.positions for p in patches)
     unrefined = answers.fit_answer_patches(patches, generic, rank=4, model=model,
                                            prompts=[(w, wo) for w, wo, _ in cases], refinements=0)
@@ -250,14 +255,7 @@ def test_a_second_refinement_replaces_the_first_ones_rows_with_its_own():
     twice = answers.fit_answer_patches(patches, generic, rank=4, model=model, prompts=pairs, refinements=2)
     layers = range(adapter_for(model).num_layers(model))
     rows = [_rows_by_hand(model, once, *case) for case in cases]
-    expected = answers.fit_down_projection(
-        [np.concatenate([*(p.key[layer_idx] for p in patches), *(r[0][layer_idx] for r in rows)])
-         for layer_idx in layers],
-        [np.concatenate([*(p.value[layer_idx] for p in patches), *(r[1][layer_idx] for r in rows)])
-         for layer_idx in layers], generic, rank=4)
-    for layer_idx in layers:
-        np.testing.assert_allclose(twice.lora_B[layer_idx] @ twice.lora_A[layer_idx],
-                                   expected.lora_B[layer_idx] @ expected.lora_A[layer_idx], rtol=1e-4, atol=1e-6)
+    _assert_fits_exact_and_refined_rows(twice, patches, rows, generic, layers)
     # the first layer's rows are the same in every refinement (its input is the embeddings, whatever the fit);
     # above it the second run's keys and values differ from the first's
     assert not np.allclose(twice.lora_B[-1] @ twice.lora_A[-1], once.lora_B[-1] @ once.lora_A[-1], rtol=1e-3)
