@@ -230,9 +230,13 @@ class Consolidator:
     def generic(self) -> list[np.ndarray]:
         """The shipped generic prompts' keys, for the fit's preservation term; computed once."""
         if self._generic is None:
-            self._generic = answers.generic_keys(self.loaded.model, self._chat_prompts(load_generic()),
-                                                 adapter=self.adapter, answer_tokens=answers.ANSWER_TOKENS,
-                                                 stop_ids=self.stop)
+            prompts = self._chat_prompts(load_generic())
+            self.log.info("preservation_keys_started", prompts=len(prompts))
+            started = time.perf_counter()
+            self._generic = answers.generic_keys(self.loaded.model, prompts, adapter=self.adapter,
+                                                 answer_tokens=answers.ANSWER_TOKENS, stop_ids=self.stop)
+            self.log.info("preservation_keys_computed", prompts=len(prompts), rows=len(self._generic[0]),
+                          seconds=round(time.perf_counter() - started, 3))
         return self._generic
 
     def baseline(self) -> edit_figures.NeutralBaseline:

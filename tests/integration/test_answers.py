@@ -307,11 +307,37 @@ def test_generic_keys_put_every_answer_position_first_then_sample_the_prompts():
     answer_rows = torch.cat(expected_answers).numpy()
     prompt_rows = torch.cat(expected_prompts).numpy()
 
-    keys = answers.generic_keys(model, generic, limit=len(answer_rows) + 5, answer_tokens=4, stop_ids=stop)
+    keys = answers.generic_rows(model, generic, limit=len(answer_rows) + 5, answer_tokens=4, stop_ids=stop)
     assert keys[1].shape == (len(answer_rows) + 5, answer_rows.shape[1])
     np.testing.assert_allclose(keys[1][: len(answer_rows)], answer_rows, rtol=1e-4, atol=1e-5)
     chosen = np.linspace(0, len(prompt_rows) - 1, 5).round().astype(int)
     np.testing.assert_allclose(keys[1][len(answer_rows):], prompt_rows[chosen], rtol=1e-4, atol=1e-5)
 
-    plain = answers.generic_keys(model, generic, limit=10_000)
+    plain = answers.generic_rows(model, generic, limit=10_000)
     assert len(plain[1]) == sum(len(ids) - 1 for ids in generic)
+
+
+def test_generic_keys_keep_the_rows_second_moment_in_at_most_d_ff_rows_and_fit_as_every_row_does():
+    model = tiny_model("llama")
+    generic = [prompts(seed)[0] for seed in range(20, 26)]
+    rows = answers.generic_rows(model, generic, limit=10_000)
+    keys = answers.generic_keys(model, generic, limit=10_000)
+    d_ff = model.config.intermediate_size
+    assert len(rows[0]) > d_ff, "the case needs more rows than the down projection's input has dimensions"
+    for layer_rows, layer_keys in zip(rows, keys, strict=True):
+        assert layer_keys.shape == (d_ff, d_ff)
+        np.testing.assert_allclose(layer_keys.T.astype(np.float64) @ layer_keys / len(layer_keys),
+                                   layer_rows.T.astype(np.float64) @ layer_rows / len(layer_rows), rtol=1e-4, atol=1e-6)
+    patches = [answers.answer_patch(model, *prompts(seed)) for seed in (3, 4)]
+    layers = range(len(rows))
+    fit_keys = [np.concatenate([patch.key[layer_idx] for patch in patches]) for layer_idx in layers]
+    fit_values = [np.concatenate([patch.value[layer_idx] for patch in patches]) for layer_idx in layers]
+    full_rank = model.config.hidden_size
+    with_rows = answers.fit_down_projection(fit_keys, fit_values, rows, rank=full_rank, preservation=3.0)
+    with_keys = answers.fit_down_projection(fit_keys, fit_values, keys, rank=full_rank, preservation=3.0)
+    for layer_idx in layers:
+        np.testing.assert_allclose(with_keys.lora_B[layer_idx] @ with_keys.lora_A[layer_idx],
+                                   with_rows.lora_B[layer_idx] @ with_rows.lora_A[layer_idx], rtol=1e-4, atol=1e-6)
+    # fewer rows than d_ff are kept as they are
+    few = answers.generic_keys(model, generic[:1], limit=10)
+    np.testing.assert_array_equal(few[0], answers.generic_rows(model, generic[:1], limit=10)[0])
