@@ -33,9 +33,11 @@ margin there (its top token's probability minus the second's): what a missed goa
 """
 
 import argparse
+import json
 import platform
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -155,7 +157,8 @@ def pooled_folds(rows: list[dict]) -> dict:
 
 def run(facts: int | None = None, distil_facts: int = 1, rank: int = answers.RANK, ridge: float = answers.RIDGE,
         preservation: float = answers.PRESERVATION, distil_steps: int = 125, folds: int = FOLDS,
-        refinements: int = answers.REFINEMENTS, progress=None, explain: bool = False) -> dict:
+        refinements: int = answers.REFINEMENTS, progress=None, explain: bool = False, generic_file: str | None = None,
+        generic_positions: int = answers.GENERIC_POSITIONS) -> dict:
     progress = progress or (lambda message: print(message, flush=True))  # shown at once also when redirected
     if not 1 <= folds <= FOLDS:
         raise SystemExit(f"--folds must be between 1 and {FOLDS}, got {folds}")
@@ -166,9 +169,11 @@ def run(facts: int | None = None, distil_facts: int = 1, rank: int = answers.RAN
     started = time.perf_counter()
     neutral_prompts = [build_prompt(loaded.tokenizer, messages=chat).input_ids for chat in load_neutral()]
     baseline = edit_figures.neutral_baseline(loaded.model, neutral_prompts, stop_ids=bench.stop)
-    generic_prompts = [build_prompt(loaded.tokenizer, messages=chat).input_ids for chat in load_generic()]
-    generic = answers.generic_keys(loaded.model, generic_prompts, answer_tokens=answers.ANSWER_TOKENS,
-                                   stop_ids=bench.stop)
+    chats = load_generic() if generic_file is None else [
+        [dict(message) for message in item["messages"]] for item in json.loads(Path(generic_file).read_text())]
+    generic_prompts = [build_prompt(loaded.tokenizer, messages=chat).input_ids for chat in chats]
+    generic = answers.generic_keys(loaded.model, generic_prompts, generic_positions,
+                                   answer_tokens=answers.ANSWER_TOKENS, stop_ids=bench.stop)
     progress(f"  neutral baseline ({len(neutral_prompts)} prompts) and the preservation term's keys "
              f"({len(generic_prompts)} other prompts): {time.perf_counter() - started:.0f} s")
     per_fact, adapters, held = {}, {}, {}
@@ -387,11 +392,17 @@ def main() -> None:
     parser.add_argument("--ridge", type=float, default=answers.RIDGE)
     parser.add_argument("--preservation", type=float, default=answers.PRESERVATION)
     parser.add_argument("--refinements", type=int, default=answers.REFINEMENTS)
+    parser.add_argument("--generic", help="a JSON file of generic chats for the preservation term, in the shape of "
+                                          "icldaemon/data/generic.json (default: that file; bench/generic-223.json "
+                                          "holds it and 161 more)")
+    parser.add_argument("--generic-positions", type=int, default=answers.GENERIC_POSITIONS,
+                        help=f"generic keys sampled per layer (default {answers.GENERIC_POSITIONS})")
     parser.add_argument("--explain", action="store_true", help="print the held-out answers and the flipped neutral "
                                                                "prompts")
     args = parser.parse_args()
     print_report(run(args.facts, args.distil_facts, args.rank, args.ridge, args.preservation, args.distil_steps,
-                     args.folds, args.refinements, explain=args.explain))
+                     args.folds, args.refinements, explain=args.explain, generic_file=args.generic,
+                     generic_positions=args.generic_positions))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The shipped consolidation data: facts about one user, neutral prompts to check on, generic prompts to fit with."""
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +11,9 @@ from icldaemon.data import Fact, load_facts, load_generic, load_neutral
 FACTS = load_facts()
 NEUTRAL = load_neutral()
 GENERIC = load_generic()
+# the benchmark's larger generic set (`bench_consolidation.py --generic`): the shipped one and more
+LARGER_GENERIC = [item["messages"] for item in
+                  json.loads((Path(__file__).parents[2] / "bench" / "generic-223.json").read_text(encoding="utf-8"))]
 
 
 def test_there_are_enough_facts_with_unique_keys():
@@ -43,7 +48,7 @@ def test_a_facts_memory_names_no_other_fact(fact):
             assert not other.said_in(fact.content), (fact.key, other.key)
 
 
-@pytest.mark.parametrize("chats", [NEUTRAL, GENERIC], ids=["neutral", "generic"])
+@pytest.mark.parametrize("chats", [NEUTRAL, GENERIC, LARGER_GENERIC], ids=["neutral", "generic", "larger"])
 def test_there_are_enough_neutral_and_generic_prompts_and_they_are_chats(chats):
     assert len(chats) >= 30
     for messages in chats:
@@ -57,9 +62,11 @@ def test_the_checks_are_out_of_sample_no_neutral_prompt_is_a_generic_one():
         return tuple(re.sub(r"\W+", " ", message["content"]).strip().lower() for message in messages)
 
     assert not {normalised(messages) for messages in NEUTRAL} & {normalised(messages) for messages in GENERIC}
+    assert not {normalised(messages) for messages in NEUTRAL} & {normalised(messages) for messages in LARGER_GENERIC}
+    assert all(messages in LARGER_GENERIC for messages in GENERIC), "the larger set holds the shipped one"
 
 
-@pytest.mark.parametrize("chats", [NEUTRAL, GENERIC], ids=["neutral", "generic"])
+@pytest.mark.parametrize("chats", [NEUTRAL, GENERIC, LARGER_GENERIC], ids=["neutral", "generic", "larger"])
 def test_no_neutral_or_generic_prompt_names_a_fact(chats):
     for messages in chats:
         for message in messages:
