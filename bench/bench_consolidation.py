@@ -33,11 +33,9 @@ margin there (its top token's probability minus the second's): what a missed goa
 """
 
 import argparse
-import json
 import platform
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -169,9 +167,7 @@ def run(facts: int | None = None, distil_facts: int = 1, rank: int = answers.RAN
     started = time.perf_counter()
     neutral_prompts = [build_prompt(loaded.tokenizer, messages=chat).input_ids for chat in load_neutral()]
     baseline = edit_figures.neutral_baseline(loaded.model, neutral_prompts, stop_ids=bench.stop)
-    chats = load_generic() if generic_file is None else [
-        [dict(message) for message in item["messages"]] for item in json.loads(Path(generic_file).read_text())]
-    generic_prompts = [build_prompt(loaded.tokenizer, messages=chat).input_ids for chat in chats]
+    generic_prompts = [build_prompt(loaded.tokenizer, messages=chat).input_ids for chat in load_generic(generic_file)]
     generic = answers.generic_keys(loaded.model, generic_prompts, generic_positions,
                                    answer_tokens=answers.ANSWER_TOKENS, stop_ids=bench.stop)
     progress(f"  neutral baseline ({len(neutral_prompts)} prompts) and the preservation term's keys "

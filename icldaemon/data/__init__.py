@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from pathlib import Path
 
 __all__ = ["Fact", "load_facts", "load_generic", "load_neutral"]
 
@@ -52,11 +53,18 @@ def load_facts() -> list[Fact]:
     ]
 
 
+def _chats(items: list[dict]) -> list[list[dict]]:
+    return [[dict(message) for message in item["messages"]] for item in items]
+
+
 def load_neutral() -> list[list[dict]]:
     """The neutral prompts that adapters are checked on, each a chat (a list of {"role", "content"} messages)."""
-    return [[dict(message) for message in item["messages"]] for item in _read("neutral.json")]
+    return _chats(_read("neutral.json"))
 
 
-def load_generic() -> list[list[dict]]:
-    """The generic prompts of the fit's preservation term (none of them a neutral prompt), each a chat."""
-    return [[dict(message) for message in item["messages"]] for item in _read("generic.json")]
+def load_generic(path: Path | str | None = None) -> list[list[dict]]:
+    """The generic prompts of the fit's preservation term (none of them a neutral prompt), each a chat.
+
+    `path`: another file in the same shape (the benchmark's larger set) instead of the shipped one.
+    """
+    return _chats(_read("generic.json") if path is None else json.loads(Path(path).read_text(encoding="utf-8")))

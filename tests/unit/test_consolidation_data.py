@@ -1,6 +1,5 @@
 """The shipped consolidation data: facts about one user, neutral prompts to check on, generic prompts to fit with."""
 
-import json
 import re
 from pathlib import Path
 
@@ -12,8 +11,7 @@ FACTS = load_facts()
 NEUTRAL = load_neutral()
 GENERIC = load_generic()
 # the benchmark's larger generic set (`bench_consolidation.py --generic`): the shipped one and more
-LARGER_GENERIC = [item["messages"] for item in
-                  json.loads((Path(__file__).parents[2] / "bench" / "generic-223.json").read_text(encoding="utf-8"))]
+LARGER_GENERIC = load_generic(Path(__file__).parents[2] / "bench" / "generic-223.json")
 
 
 def test_there_are_enough_facts_with_unique_keys():
