@@ -389,8 +389,7 @@ def main() -> None:
     parser.add_argument("--preservation", type=float, default=answers.PRESERVATION)
     parser.add_argument("--refinements", type=int, default=answers.REFINEMENTS)
     parser.add_argument("--generic", help="a JSON file of generic chats for the preservation term, in the shape of "
-                                          "icldaemon/data/generic.json (default: that file; bench/generic-223.json "
-                                          "holds it and 161 more)")
+                                          "icldaemon/data/generic.json (default: that file)")
     parser.add_argument("--generic-positions", type=int, default=answers.GENERIC_POSITIONS,
                         help=f"generic keys sampled per layer (default {answers.GENERIC_POSITIONS})")
     parser.add_argument("--explain", action="store_true", help="print the held-out answers and the flipped neutral "

@@ -43,9 +43,9 @@ RANK = 8  # rank of the down-projection LoRA (the benchmark: rank 8 answered mor
 RIDGE = 0.05  # lambda as a share of the mean squared key norm: scale-free across layers and models
 PRESERVATION = 1.0  # weight of the generic-text rows against the retrieval rows, in total
 REFINEMENTS = 2  # refits on the adapted model's own keys (`refine`; a second one lifted the door code)
-# generic-text positions sampled per layer, bounding the time to compute them; beyond d_ff rows the fit keeps
-# only their second moment (`second_moment_rows`)
-GENERIC_POSITIONS = 1024
+# generic-text positions sampled per layer (the shipped 223 prompts with their answers have 11,545, 3,499 of them
+# answer positions); beyond d_ff rows only their second moment is kept (`generic_keys`): more rows cost no fit time
+GENERIC_POSITIONS = 4096
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 METADATA_FILE = "icldaemon.json"
 
@@ -278,6 +278,38 @@ def _evenly(count: int, limit: int) -> np.ndarray:
     return np.linspace(0, count - 1, limit).round().astype(int)
 
 
+def _generic_runs(model: PreTrainedModel, prompts: Sequence[Sequence[int]], limit: int,
+                  adapter: ArchitectureAdapter, answer_tokens: int, stop_ids: Sequence[int]):
+    """Per prompt, per layer, the sampled rows of `generic_rows`: (at the answer positions, elsewhere).
+
+    The rows to keep are chosen before any prompt runs (the counts follow from the prompts' and answers'
+    lengths), so that a caller can reduce them prompt by prompt instead of holding every position's keys.
+    """
+    replies = (greedy_answers(model, prompts, answer_tokens, stop_ids) if answer_tokens > 0
+               else [[] for _ in prompts])
+    runs = [list(ids) + list(reply[:-1]) for ids, reply in zip(prompts, replies, strict=True)]
+    # rows are every position but the first; the last prompt token's row and those after it are the answer's
+    answer_counts = [len(reply) for reply in replies]
+    other_counts = [len(ids) - 1 - len(reply) for ids, reply in zip(runs, replies, strict=True)]
+    chosen_answers = _evenly(sum(answer_counts), limit)
+    chosen_others = _evenly(sum(other_counts), limit - len(chosen_answers))
+
+    def per_prompt(chosen: np.ndarray, counts: list[int]) -> list[np.ndarray]:
+        bounds = np.cumsum([0, *counts])
+        return [chosen[(chosen >= low) & (chosen < high)] - low for low, high in zip(bounds[:-1], bounds[1:])]
+
+    for ids, answer_rows, other_rows, first_answer in zip(runs, per_prompt(chosen_answers, answer_counts),
+                                                          per_prompt(chosen_others, other_counts), other_counts,
+                                                          strict=True):
+        if not len(answer_rows) and not len(other_rows):
+            continue
+        tap = _RecordKeys()
+        with tapped(model, adapter, tap):
+            model(input_ids=torch.tensor([ids], device=model.device))
+        yield [(keys[first_answer:][answer_rows], keys[:first_answer][other_rows])
+               for _, keys in sorted(tap.keys.items())]
+
+
 @torch.no_grad()
 def generic_rows(model: PreTrainedModel, prompts: Sequence[Sequence[int]], limit: int = GENERIC_POSITIONS,
                  adapter: ArchitectureAdapter | None = None, *, answer_tokens: int = 0,
@@ -291,26 +323,20 @@ def generic_rows(model: PreTrainedModel, prompts: Sequence[Sequence[int]], limit
     """
     adapter = adapter or adapter_for(model)
     num_layers = adapter.num_layers(model)
-    replies = (greedy_answers(model, prompts, answer_tokens, stop_ids) if answer_tokens > 0
-               else [[] for _ in prompts])
     at_answers: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
     elsewhere: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
-    for ids, reply in zip(prompts, replies, strict=True):
-        ids = list(ids) + list(reply[:-1])
-        tap = _RecordKeys()
-        with tapped(model, adapter, tap):
-            model(input_ids=torch.tensor([ids], device=model.device))
-        # the last prompt token, in rows from position 1 on; without a reply, past the last row
-        first_answer = len(ids) - len(reply) - 1
-        for layer_idx, keys in tap.keys.items():
-            at_answers[layer_idx].append(keys[first_answer:])
-            elsewhere[layer_idx].append(keys[:first_answer])
-    answer_rows = [torch.cat(keys).numpy() for keys in at_answers]
-    other_rows = [torch.cat(keys).numpy() for keys in elsewhere]
-    chosen_answers = _evenly(len(answer_rows[0]), limit)
-    chosen_others = _evenly(len(other_rows[0]), limit - len(chosen_answers))
-    return [np.concatenate([answer_rows[layer_idx][chosen_answers], other_rows[layer_idx][chosen_others]])
-            for layer_idx in range(num_layers)]
+    for layers in _generic_runs(model, prompts, limit, adapter, answer_tokens, stop_ids):
+        for layer_idx, (answer_rows, other_rows) in enumerate(layers):
+            at_answers[layer_idx].append(answer_rows)
+            elsewhere[layer_idx].append(other_rows)
+    return [torch.cat(at_answers[layer_idx] + elsewhere[layer_idx]).numpy() for layer_idx in range(num_layers)]
+
+
+def _moment_rows(moment: torch.Tensor, count: int) -> np.ndarray:
+    """d_ff rows R with R^T R / d_ff = moment / count (the eigenvectors of the mean outer product, scaled)."""
+    width = moment.shape[0]
+    eigenvalues, eigenvectors = torch.linalg.eigh(moment / count)
+    return (eigenvectors * (eigenvalues.clamp(min=0) * width).sqrt()).T.to(torch.float32).numpy()
 
 
 def second_moment_rows(rows: np.ndarray) -> np.ndarray:
@@ -324,16 +350,43 @@ def second_moment_rows(rows: np.ndarray) -> np.ndarray:
     if count <= width:
         return rows
     moment = torch.as_tensor(rows, dtype=torch.float64)
-    eigenvalues, eigenvectors = torch.linalg.eigh(moment.T @ moment / count)
-    return (eigenvectors * (eigenvalues.clamp(min=0) * width).sqrt()).T.to(torch.float32).numpy()
+    return _moment_rows(moment.T @ moment, count)
 
 
+@torch.no_grad()
 def generic_keys(model: PreTrainedModel, prompts: Sequence[Sequence[int]], limit: int = GENERIC_POSITIONS,
                  adapter: ArchitectureAdapter | None = None, *, answer_tokens: int = 0,
                  stop_ids: Sequence[int] = ()) -> list[np.ndarray]:
-    """The preservation term's keys per layer: `generic_rows`, reduced by `second_moment_rows`."""
-    return [second_moment_rows(rows) for rows in generic_rows(model, prompts, limit, adapter,
-                                                              answer_tokens=answer_tokens, stop_ids=stop_ids)]
+    """The preservation term's keys per layer: `generic_rows` reduced by `second_moment_rows`.
+
+    Once more rows than d_ff have been sampled, each prompt's rows are added to a running second moment per
+    layer as the prompt runs, so that memory stays at d_ff x d_ff per layer, whatever `limit` is.
+    """
+    adapter = adapter or adapter_for(model)
+    at_answers: list[list[torch.Tensor]] = []
+    elsewhere: list[list[torch.Tensor]] = []
+    moments: list[torch.Tensor] = []
+    count = 0
+    for layers in _generic_runs(model, prompts, limit, adapter, answer_tokens, stop_ids):
+        if not at_answers:
+            at_answers, elsewhere = [[] for _ in layers], [[] for _ in layers]
+        for layer_idx, (answer_rows, other_rows) in enumerate(layers):
+            at_answers[layer_idx].append(answer_rows)
+            elsewhere[layer_idx].append(other_rows)
+        count += len(layers[0][0]) + len(layers[0][1])
+        width = layers[0][0].shape[1]
+        if count > width:  # from here on only the second moment is kept
+            for layer_idx in range(len(layers)):
+                rows = torch.cat(at_answers[layer_idx] + elsewhere[layer_idx]).to(torch.float64)
+                if len(moments) <= layer_idx:
+                    moments.append(torch.zeros(width, width, dtype=torch.float64))
+                moments[layer_idx].addmm_(rows.T, rows)
+                at_answers[layer_idx].clear()
+                elsewhere[layer_idx].clear()
+    if moments:
+        return [_moment_rows(moment, count) for moment in moments]
+    return [torch.cat(answer_rows + other_rows).numpy() for answer_rows, other_rows in zip(at_answers, elsewhere,
+                                                                                         strict=True)]
 
 
 # ---- the fit -------------------------------------------------------------------------------------------

@@ -338,6 +338,14 @@ def test_generic_keys_keep_the_rows_second_moment_in_at_most_d_ff_rows_and_fit_a
     for layer_idx in layers:
         np.testing.assert_allclose(with_keys.lora_B[layer_idx] @ with_keys.lora_A[layer_idx],
                                    with_rows.lora_B[layer_idx] @ with_rows.lora_A[layer_idx], rtol=1e-4, atol=1e-6)
+    # sampled with the model's answers, more rows than d_ff but fewer than there are: the same rows' moment
+    stop = [VOCAB - 1]
+    sampled = answers.generic_rows(model, generic, limit=d_ff + 7, answer_tokens=3, stop_ids=stop)
+    reduced = answers.generic_keys(model, generic, limit=d_ff + 7, answer_tokens=3, stop_ids=stop)
+    assert len(sampled[0]) == d_ff + 7 < len(rows[0])
+    for layer_rows, layer_keys in zip(sampled, reduced, strict=True):
+        np.testing.assert_allclose(layer_keys.T.astype(np.float64) @ layer_keys / len(layer_keys),
+                                   layer_rows.T.astype(np.float64) @ layer_rows / len(layer_rows), rtol=1e-4, atol=1e-6)
     # fewer rows than d_ff are kept as they are
     few = answers.generic_keys(model, generic[:1], limit=10)
     np.testing.assert_array_equal(few[0], answers.generic_rows(model, generic[:1], limit=10)[0])

@@ -1,7 +1,7 @@
 """The shipped consolidation data: facts about one user, neutral prompts to check on, generic prompts to fit with."""
 
+import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -10,8 +10,6 @@ from icldaemon.data import Fact, load_facts, load_generic, load_neutral
 FACTS = load_facts()
 NEUTRAL = load_neutral()
 GENERIC = load_generic()
-# the benchmark's larger generic set (`bench_consolidation.py --generic`): the shipped one and more
-LARGER_GENERIC = load_generic(Path(__file__).parents[2] / "bench" / "generic-223.json")
 
 
 def test_there_are_enough_facts_with_unique_keys():
@@ -46,7 +44,7 @@ def test_a_facts_memory_names_no_other_fact(fact):
             assert not other.said_in(fact.content), (fact.key, other.key)
 
 
-@pytest.mark.parametrize("chats", [NEUTRAL, GENERIC, LARGER_GENERIC], ids=["neutral", "generic", "larger"])
+@pytest.mark.parametrize("chats", [NEUTRAL, GENERIC], ids=["neutral", "generic"])
 def test_there_are_enough_neutral_and_generic_prompts_and_they_are_chats(chats):
     assert len(chats) >= 30
     for messages in chats:
@@ -60,11 +58,9 @@ def test_the_checks_are_out_of_sample_no_neutral_prompt_is_a_generic_one():
         return tuple(re.sub(r"\W+", " ", message["content"]).strip().lower() for message in messages)
 
     assert not {normalised(messages) for messages in NEUTRAL} & {normalised(messages) for messages in GENERIC}
-    assert not {normalised(messages) for messages in NEUTRAL} & {normalised(messages) for messages in LARGER_GENERIC}
-    assert all(messages in LARGER_GENERIC for messages in GENERIC), "the larger set holds the shipped one"
 
 
-@pytest.mark.parametrize("chats", [NEUTRAL, GENERIC, LARGER_GENERIC], ids=["neutral", "generic", "larger"])
+@pytest.mark.parametrize("chats", [NEUTRAL, GENERIC], ids=["neutral", "generic"])
 def test_no_neutral_or_generic_prompt_names_a_fact(chats):
     for messages in chats:
         for message in messages:
@@ -74,6 +70,16 @@ def test_no_neutral_or_generic_prompt_names_a_fact(chats):
                 # not even inside a longer word ("Ines" in "lines" is not said_in, but it is avoided too)
                 assert not any(answer.lower() in lowered for answer in fact.answer if len(answer) > 4), (
                     fact.key, message["content"])
+
+
+def test_load_generic_reads_another_file_of_the_same_shape(tmp_path):
+    chats = [{"kind": "chat", "messages": [{"role": "user", "content": "Hello there."}]},
+             {"kind": "code", "messages": [{"role": "system", "content": "Be brief."},
+                                           {"role": "user", "content": "Reverse a list in Python."}]}]
+    path = tmp_path / "generic.json"
+    path.write_text(json.dumps(chats), encoding="utf-8")
+    assert load_generic(path) == [chat["messages"] for chat in chats]
+    assert load_generic(str(path)) == load_generic(path)
 
 
 def fact(key: str) -> Fact:
