@@ -65,6 +65,6 @@ def load_neutral() -> list[list[dict]]:
 def load_generic(path: Path | str | None = None) -> list[list[dict]]:
     """The generic prompts of the fit's preservation term (none of them a neutral prompt), each a chat.
 
-    `path`: another file in the same shape (the benchmark's larger set) instead of the shipped one.
+    `path`: another file in the same shape (the benchmark's `--generic`) instead of the shipped one.
     """
     return _chats(_read("generic.json") if path is None else json.loads(Path(path).read_text(encoding="utf-8")))

@@ -322,14 +322,14 @@ def generic_rows(model: PreTrainedModel, prompts: Sequence[Sequence[int]], limit
     first; the prompts' other positions fill what is left of `limit`, evenly sampled.
     """
     adapter = adapter or adapter_for(model)
-    num_layers = adapter.num_layers(model)
-    at_answers: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
-    elsewhere: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
-    for layers in _generic_runs(model, prompts, limit, adapter, answer_tokens, stop_ids):
-        for layer_idx, (answer_rows, other_rows) in enumerate(layers):
-            at_answers[layer_idx].append(answer_rows)
-            elsewhere[layer_idx].append(other_rows)
-    return [torch.cat(at_answers[layer_idx] + elsewhere[layer_idx]).numpy() for layer_idx in range(num_layers)]
+    return [rows.numpy() for rows in _answers_first(list(_generic_runs(model, prompts, limit, adapter, answer_tokens,
+                                                                         stop_ids)))]
+
+
+def _answers_first(prompts_rows: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> list[torch.Tensor]:
+    """Per layer, the rows `_generic_runs` gave for several prompts: every answer position's first, then the others."""
+    return [torch.cat([rows[layer_idx][0] for rows in prompts_rows] + [rows[layer_idx][1] for rows in prompts_rows])
+            for layer_idx in range(len(prompts_rows[0]))]
 
 
 def _moment_rows(moment: torch.Tensor, count: int) -> np.ndarray:
@@ -363,30 +363,23 @@ def generic_keys(model: PreTrainedModel, prompts: Sequence[Sequence[int]], limit
     layer as the prompt runs, so that memory stays at d_ff x d_ff per layer, whatever `limit` is.
     """
     adapter = adapter or adapter_for(model)
-    at_answers: list[list[torch.Tensor]] = []
-    elsewhere: list[list[torch.Tensor]] = []
+    pending: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
     moments: list[torch.Tensor] = []
     count = 0
     for layers in _generic_runs(model, prompts, limit, adapter, answer_tokens, stop_ids):
-        if not at_answers:
-            at_answers, elsewhere = [[] for _ in layers], [[] for _ in layers]
-        for layer_idx, (answer_rows, other_rows) in enumerate(layers):
-            at_answers[layer_idx].append(answer_rows)
-            elsewhere[layer_idx].append(other_rows)
+        pending.append(layers)
         count += len(layers[0][0]) + len(layers[0][1])
         width = layers[0][0].shape[1]
         if count > width:  # from here on only the second moment is kept
-            for layer_idx in range(len(layers)):
-                rows = torch.cat(at_answers[layer_idx] + elsewhere[layer_idx]).to(torch.float64)
-                if len(moments) <= layer_idx:
-                    moments.append(torch.zeros(width, width, dtype=torch.float64))
-                moments[layer_idx].addmm_(rows.T, rows)
-                at_answers[layer_idx].clear()
-                elsewhere[layer_idx].clear()
+            if not moments:
+                moments = [torch.zeros(width, width, dtype=torch.float64) for _ in layers]
+            for moment, rows in zip(moments, _answers_first(pending), strict=True):
+                rows = rows.to(torch.float64)
+                moment.addmm_(rows.T, rows)
+            pending.clear()
     if moments:
         return [_moment_rows(moment, count) for moment in moments]
-    return [torch.cat(answer_rows + other_rows).numpy() for answer_rows, other_rows in zip(at_answers, elsewhere,
-                                                                                         strict=True)]
+    return [rows.numpy() for rows in _answers_first(pending)]
 
 
 # ---- the fit -------------------------------------------------------------------------------------------
