@@ -662,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "ICLD_CONSOLIDATE_RIDGE, else 0.05)")
     consolidate.add_argument("--preservation", type=_non_negative_number,
                              help="weight of the shipped generic prompts against the retrievals in the fit (default: "
-                                  "ICLD_CONSOLIDATE_PRESERVATION, else 1.0)")
+                                  "ICLD_CONSOLIDATE_PRESERVATION, else 5.0)")
     consolidate.add_argument("--refinements", type=_whole_number_at_least(0),
                              help="refits on the keys the adapted model itself produces, each one more pass over the "
                                   "fitted retrievals; 0: the exact patches' keys only (default: "

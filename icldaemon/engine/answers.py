@@ -41,7 +41,9 @@ from icldaemon.settings import ANSWER_TOKENS
 
 RANK = 8  # rank of the down-projection LoRA (the benchmark: rank 8 answered more held-out questions than 4)
 RIDGE = 0.05  # lambda as a share of the mean squared key norm: scale-free across layers and models
-PRESERVATION = 1.0  # weight of the generic-text rows against the retrieval rows, in total
+# weight of the generic-text rows against the retrieval rows, in total (the benchmark: 5 kept the neutral next token
+# on 95% of prompts, where 1 kept it on 92%, for 42 held-out answers naming the fact instead of 47, of 49)
+PRESERVATION = 5.0
 REFINEMENTS = 2  # refits on the adapted model's own keys (`refine`; a second one lifted the door code)
 # generic-text positions sampled per layer (the shipped 223 prompts with their answers have 11,545, 3,499 of them
 # answer positions); beyond d_ff rows only their second moment is kept (`generic_keys`): more rows cost no fit time
