@@ -335,31 +335,23 @@ def _answers_first(prompts_rows: list[list[tuple[torch.Tensor, torch.Tensor]]]) 
 
 
 def _moment_rows(moment: torch.Tensor, count: int) -> np.ndarray:
-    """d_ff rows R with R^T R / d_ff = moment / count (the eigenvectors of the mean outer product, scaled)."""
-    width = moment.shape[0]
-    eigenvalues, eigenvectors = torch.linalg.eigh(moment / count)
-    return (eigenvectors * (eigenvalues.clamp(min=0) * width).sqrt()).T.to(torch.float32).numpy()
-
-
-def second_moment_rows(rows: np.ndarray) -> np.ndarray:
-    """At most d_ff rows R with R^T R / len(R) = rows^T rows / len(rows): all that the fit uses of generic keys.
+    """d_ff rows R with R^T R / d_ff = moment / count: all that the fit uses of `count` generic keys whose
+    summed outer product is `moment`.
 
     The preservation term enters the fit only as mu sum_n g_n g_n^T with mu proportional to 1 / M, the
     generic keys' mean outer product (`fit_down_projection`). Rows beyond d_ff are replaced by that
     matrix's eigenvectors, scaled, which changes no fit and bounds its memory and time at d_ff rows.
     """
-    count, width = rows.shape
-    if count <= width:
-        return rows
-    moment = torch.as_tensor(rows, dtype=torch.float64)
-    return _moment_rows(moment.T @ moment, count)
+    width = moment.shape[0]
+    eigenvalues, eigenvectors = torch.linalg.eigh(moment / count)
+    return (eigenvectors * (eigenvalues.clamp(min=0) * width).sqrt()).T.to(torch.float32).numpy()
 
 
 @torch.no_grad()
 def generic_keys(model: PreTrainedModel, prompts: Sequence[Sequence[int]], limit: int = GENERIC_POSITIONS,
                  adapter: ArchitectureAdapter | None = None, *, answer_tokens: int = 0,
                  stop_ids: Sequence[int] = ()) -> list[np.ndarray]:
-    """The preservation term's keys per layer: `generic_rows` reduced by `second_moment_rows`.
+    """The preservation term's keys per layer: `generic_rows`, beyond d_ff of them reduced by `_moment_rows`.
 
     Once more rows than d_ff have been sampled, each prompt's rows are added to a running second moment per
     layer as the prompt runs, so that memory stays at d_ff x d_ff per layer, whatever `limit` is.
