@@ -22,10 +22,10 @@ Checked on:
 - interference: each fact's held-out answers with its adapter stacked (deltas summed) with 1, 3 and
   7 other facts' adapters of the same fold;
 - the baseline: context distillation (a PEFT LoRA on the same modules at the same rank, trained with
-  AdamW on the same answer tokens), the same figures and its time, on the first fold of the first
-  `--distil-facts` facts, beside our adapter of the same fold.
+  AdamW on the same answer tokens), the same figures and its time, on the first fold of the
+  `--distil-facts` facts (the first N, or the facts A to B-1), beside our adapter of the same fold.
 
-    .venv/bin/python bench/bench_consolidation.py [--facts 12] [--folds 5] [--distil-facts 1] [--rank 8] [--explain]
+    .venv/bin/python bench/bench_consolidation.py [--facts 12] [--folds 5] [--distil-facts 1|A:B] [--rank 8] [--explain]
 
 `--explain` also prints, per fact, its held-out questions with the answers with the memory and with the
 adapter, and the neutral prompts whose greedy next token the adapter changes, with the base model's
@@ -153,11 +153,12 @@ def pooled_folds(rows: list[dict]) -> dict:
             "answers": [answer for row in rows for answer in row["answers"]]}
 
 
-def run(facts: int | None = None, distil_facts: int = 1, rank: int = answers.RANK, ridge: float = answers.RIDGE,
-        preservation: float = answers.PRESERVATION, distil_steps: int = 125, folds: int = FOLDS,
-        refinements: int = answers.REFINEMENTS, progress=None, explain: bool = False, generic_file: str | None = None,
+def run(facts: int | None = None, distil_facts: int | range = 1, rank: int = answers.RANK,
+        ridge: float = answers.RIDGE, preservation: float = answers.PRESERVATION, distil_steps: int = 125,
+        folds: int = FOLDS, refinements: int = answers.REFINEMENTS, progress=None, explain: bool = False, generic_file: str | None = None,
         generic_positions: int = answers.GENERIC_POSITIONS) -> dict:
     progress = progress or (lambda message: print(message, flush=True))  # shown at once also when redirected
+    distil_facts = range(distil_facts) if isinstance(distil_facts, int) else distil_facts
     if not 1 <= folds <= FOLDS:
         raise SystemExit(f"--folds must be between 1 and {FOLDS}, got {folds}")
     loaded = load_model(None, models_dir=load_settings().models_dir, device="cpu", dtype="float32")
@@ -195,7 +196,7 @@ def run(facts: int | None = None, distil_facts: int = 1, rank: int = answers.RAN
             if explain:
                 row["held_out_questions"] = [fact.questions[i] for i in held_indices]
                 row["flipped"] = bench.flipped(adapter, baseline)
-            if fold == 0 and index < distil_facts:
+            if fold == 0 and index in distil_facts:
                 from icldaemon.engine.distillation import DistillationExample, distil
 
                 distil_started = time.perf_counter()
@@ -376,13 +377,27 @@ def print_explanation(result: dict) -> None:
                 print(f"  fold {number} neutral prompt {prompt}: {before!r} -> {after!r}, base margin {margin:.3f}")
 
 
+def fact_range(text: str) -> range:
+    """`--distil-facts`: "N" is the first N facts, "A:B" the facts A to B-1 (distillation takes ~15 minutes per
+    adapter on 2 cores, so a run can add facts to an earlier run's instead of repeating them)."""
+    try:
+        start, _, stop = text.rpartition(":")
+        chosen = range(int(start or 0), int(stop))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or A:B (fact indices), got {text!r}") from None
+    if chosen.start < 0 or not chosen:
+        raise argparse.ArgumentTypeError(f"expected 0 <= A < B, got {text!r}")
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--facts", type=int, help="how many of the shipped facts (default: all)")
     parser.add_argument("--folds", type=int, default=FOLDS,
                         help=f"how many of the {FOLDS} folds to run (default: all: every question held out once)")
-    parser.add_argument("--distil-facts", type=int, default=1,
-                        help="facts on whose first fold context distillation also runs (default 1)")
+    parser.add_argument("--distil-facts", type=fact_range, default=range(1),
+                        help="facts on whose first fold context distillation also runs: N, the first N (default 1), "
+                             "or A:B, the facts A to B-1 counted from 0 (3:8: the fourth to the eighth)")
     parser.add_argument("--distil-steps", type=int, default=125)
     parser.add_argument("--rank", type=int, default=answers.RANK)
     parser.add_argument("--ridge", type=float, default=answers.RIDGE)

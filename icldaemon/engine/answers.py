@@ -287,6 +287,13 @@ def _generic_runs(model: PreTrainedModel, prompts: Sequence[Sequence[int]], limi
     The rows to keep are chosen before any prompt runs (the counts follow from the prompts' and answers'
     lengths), so that a caller can reduce them prompt by prompt instead of holding every position's keys.
     """
+    # checked before the answers are generated: without a row there is no layer to return an empty set for
+    if limit < 1:
+        raise BadInputError(f"the generic positions to sample must be at least 1, got {limit} (a fit without the "
+                            f"preservation term takes preservation 0)")
+    if not any(len(ids) > 1 for ids in prompts):
+        raise BadInputError(f"the generic prompts need a position after the first (an attention sink): got "
+                            f"{len(prompts)} prompts of at most {max(map(len, prompts), default=0)} tokens")
     replies = (greedy_answers(model, prompts, answer_tokens, stop_ids) if answer_tokens > 0
                else [[] for _ in prompts])
     runs = [list(ids) + list(reply[:-1]) for ids, reply in zip(prompts, replies, strict=True)]

@@ -8,7 +8,7 @@ from test_engine_families import VOCAB, tiny_model
 
 from icldaemon.engine import answers
 from icldaemon.engine.adapters import adapter_for
-from icldaemon.exceptions import UnsupportedArchitectureError
+from icldaemon.exceptions import BadInputError, UnsupportedArchitectureError
 
 FAMILIES = ["llama", "qwen2", "phi3", "gpt2", "gpt_neox", "falcon_h1", "granitemoehybrid"]
 
@@ -349,3 +349,14 @@ def test_generic_keys_keep_the_rows_second_moment_in_at_most_d_ff_rows_and_fit_a
     # fewer rows than d_ff are kept as they are
     few = answers.generic_keys(model, generic[:1], limit=10)
     np.testing.assert_array_equal(few[0], answers.generic_rows(model, generic[:1], limit=10)[0])
+
+
+@pytest.mark.parametrize("sample", [answers.generic_rows, answers.generic_keys])
+def test_generic_keys_refuse_an_empty_sample_by_name(sample):
+    model = tiny_model("llama")
+    generic = [prompts(9)[0]]
+    with pytest.raises(BadInputError, match="generic positions to sample must be at least 1, got 0"):
+        sample(model, generic, limit=0)
+    with pytest.raises(BadInputError, match="need a position after the first .*: got 2 prompts of at most 1 tokens"):
+        sample(model, [[5], []], limit=10)
+    assert len(sample(model, generic, limit=1)[0]) == 1  # the smallest sample still has its row
