@@ -220,8 +220,11 @@ def run(facts: int | None = None, distil_facts: int | range = 1, rank: int = ans
                  f"{row['neutral']['mean_kl']:.4f}, next token kept {row['neutral']['next_token_unchanged']:.0%}; "
                  f"leak {row['leak']:.0%}; per adapter: patches {row['patch_seconds']:.0f} s, fit "
                  f"{row['fit_seconds']:.1f} s (answers {row['answer_seconds']:.0f} s)"
-                 + (f"; distillation adapter {row['distillation']['adapter_rate']:.0%} in "
-                    f"{row['distillation']['seconds']:.0f} s" if "distillation" in row else ""))
+                 + (f"; distillation adapter {row['distillation']['adapter_rate']:.0%}, neutral KL "
+                    f"{row['distillation']['neutral']['mean_kl']:.4f}, next token kept "
+                    f"{row['distillation']['neutral']['next_token_unchanged']:.0%}, leak "
+                    f"{row['distillation']['leak']:.0%}, in {row['distillation']['seconds']:.0f} s"
+                    if "distillation" in row else ""))
     interference = {}
     for company in COMPANY:
         if company >= len(chosen):
