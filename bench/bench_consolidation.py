@@ -155,8 +155,8 @@ def pooled_folds(rows: list[dict]) -> dict:
 
 def run(facts: int | None = None, distil_facts: int | range = 1, rank: int = answers.RANK,
         ridge: float = answers.RIDGE, preservation: float = answers.PRESERVATION, distil_steps: int = 125,
-        folds: int = FOLDS, refinements: int = answers.REFINEMENTS, progress=None, explain: bool = False, generic_file: str | None = None,
-        generic_positions: int = answers.GENERIC_POSITIONS) -> dict:
+        folds: int = FOLDS, refinements: int = answers.REFINEMENTS, progress=None, explain: bool = False,
+        generic_file: str | None = None, generic_positions: int = answers.GENERIC_POSITIONS) -> dict:
     progress = progress or (lambda message: print(message, flush=True))  # shown at once also when redirected
     distil_facts = range(distil_facts) if isinstance(distil_facts, int) else distil_facts
     if not 1 <= folds <= FOLDS:
@@ -381,8 +381,8 @@ def print_explanation(result: dict) -> None:
 
 
 def fact_range(text: str) -> range:
-    """`--distil-facts`: "N" is the first N facts, "A:B" the facts A to B-1 (distillation takes ~15 minutes per
-    adapter on 2 cores, so a run can add facts to an earlier run's instead of repeating them)."""
+    """`--distil-facts`: "N" is the first N facts, "A:B" the facts A to B-1 (distillation takes 15 to 28 minutes
+    per adapter on 2 cores, so a run can add facts to an earlier run's instead of repeating them)."""
     try:
         start, _, stop = text.rpartition(":")
         chosen = range(int(start or 0), int(stop))
