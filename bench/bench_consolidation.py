@@ -155,7 +155,8 @@ def pooled_folds(rows: list[dict]) -> dict:
 
 def run(facts: int | None = None, distil_facts: int | range = 1, rank: int = answers.RANK,
         ridge: float = answers.RIDGE, preservation: float = answers.PRESERVATION, distil_steps: int = 125,
-        folds: int = FOLDS, refinements: int = answers.REFINEMENTS, progress=None, explain: bool = False,
+        folds: int = FOLDS, refinements: int = answers.REFINEMENTS, focus: float = answers.FOCUS, progress=None,
+        explain: bool = False,
         generic_file: str | None = None, generic_positions: int = answers.GENERIC_POSITIONS) -> dict:
     progress = progress or (lambda message: print(message, flush=True))  # shown at once also when redirected
     distil_facts = range(distil_facts) if isinstance(distil_facts, int) else distil_facts
@@ -187,7 +188,7 @@ def run(facts: int | None = None, distil_facts: int | range = 1, rank: int = ans
             fit_started = time.perf_counter()
             adapter = answers.fit_answer_patches(
                 [patches[i] for i in fit_indices], generic, rank=rank, ridge=ridge, preservation=preservation,
-                model=loaded.model, prompts=[pairs[i] for i in fit_indices], refinements=refinements)
+                model=loaded.model, prompts=[pairs[i] for i in fit_indices], refinements=refinements, focus=focus)
             fit_seconds = time.perf_counter() - fit_started
             held_out = [(*relevant[i], patches[i].answer_ids) for i in held_indices]
             row = bench.figures(index, adapter, held_out, leaks, baseline)
@@ -241,7 +242,7 @@ def run(facts: int | None = None, distil_facts: int | range = 1, rank: int = ans
                     rates.append(fact.said_in(loaded.tokenizer.decode(answer, skip_special_tokens=True)))
         interference[company] = float(np.mean(rates))
     return {"model": loaded.name, "rank": rank, "ridge": ridge, "preservation": preservation, "folds": folds,
-            "refinements": refinements,
+            "refinements": refinements, "focus": focus,
             "per_fact": per_fact, "interference": interference, "seconds": time.perf_counter() - started,
             "neutral_prompts": len(neutral_prompts), "threads": torch.get_num_threads(),
             "summary": summarise(per_fact)}
@@ -292,7 +293,8 @@ def summarise(per_fact: dict) -> dict:
 def print_report(result: dict) -> None:
     summary = result["summary"]
     print(f"consolidation: {result['model']}, {summary['facts']} facts, rank {result['rank']}, ridge "
-          f"{result['ridge']}, preservation {result['preservation']}, refinements {result['refinements']}, "
+          f"{result['ridge']}, preservation {result['preservation']}, focus {result.get('focus', 0.0)}, refinements "
+          f"{result['refinements']}, "
           f"{result['neutral_prompts']} neutral prompts, "
           f"{platform.processor() or platform.machine()}, {result['threads']} threads, {result['seconds']:.0f} s")
     print(f"{result['folds']} of {FOLDS} folds per fact: each fold's adapter fitted on the other folds' questions and "
@@ -381,14 +383,14 @@ def print_explanation(result: dict) -> None:
 
 
 def fact_range(text: str) -> range:
-    """`--distil-facts`: "N" is the first N facts, "A:B" the facts A to B-1 (distillation takes 15 to 28 minutes
-    per adapter on 2 cores, so a run can add facts to an earlier run's instead of repeating them)."""
+    """`--distil-facts`: "N" is the first N facts (0: none), "A:B" the facts A to B-1 (distillation takes 15 to 28
+    minutes per adapter on 2 cores, so a run can add facts to an earlier run's instead of repeating them)."""
     try:
         start, _, stop = text.rpartition(":")
         chosen = range(int(start or 0), int(stop))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected N or A:B (fact indices), got {text!r}") from None
-    if chosen.start < 0 or not chosen:
+    if chosen.start < 0 or chosen.stop < 0 or (start and not chosen):
         raise argparse.ArgumentTypeError(f"expected 0 <= A < B, got {text!r}")
     return chosen
 
@@ -399,13 +401,14 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=FOLDS,
                         help=f"how many of the {FOLDS} folds to run (default: all: every question held out once)")
     parser.add_argument("--distil-facts", type=fact_range, default=range(1),
-                        help="facts on whose first fold context distillation also runs: N, the first N (default 1), "
-                             "or A:B, the facts A to B-1 counted from 0 (3:8: the fourth to the eighth)")
+                        help="facts on whose first fold context distillation also runs: N, the first N (default 1; 0: "
+                             "none), or A:B, the facts A to B-1 counted from 0 (3:8: the fourth to the eighth)")
     parser.add_argument("--distil-steps", type=int, default=125)
     parser.add_argument("--rank", type=int, default=answers.RANK)
     parser.add_argument("--ridge", type=float, default=answers.RIDGE)
     parser.add_argument("--preservation", type=float, default=answers.PRESERVATION)
     parser.add_argument("--refinements", type=int, default=answers.REFINEMENTS)
+    parser.add_argument("--focus", type=float, default=answers.FOCUS)
     parser.add_argument("--generic", help="a JSON file of generic chats for the preservation term, in the shape of "
                                           "icldaemon/data/generic.json (default: that file)")
     parser.add_argument("--generic-positions", type=int, default=answers.GENERIC_POSITIONS,
@@ -414,7 +417,7 @@ def main() -> None:
                                                                "prompts")
     args = parser.parse_args()
     print_report(run(args.facts, args.distil_facts, args.rank, args.ridge, args.preservation, args.distil_steps,
-                     args.folds, args.refinements, explain=args.explain, generic_file=args.generic,
+                     args.folds, args.refinements, args.focus, explain=args.explain, generic_file=args.generic,
                      generic_positions=args.generic_positions))
 
 

@@ -270,7 +270,7 @@ def _positive_number(value: str) -> float:
 
 
 def _non_negative_number(value: str) -> float:
-    """An argparse type for --preservation."""
+    """An argparse type for --preservation and --focus."""
     try:
         number = float(value)
     except ValueError:
@@ -417,8 +417,9 @@ def cmd_consolidate(args, settings: Settings) -> int:
 
     # the numbers are checked by argparse; the database and the model name before torch is imported
     if args.method == "distillation":
-        given = [option for option, value in (("--ridge", args.ridge), ("--preservation", args.preservation),
-                                              ("--refinements", args.refinements)) if value is not None]
+        fit_options = (("--ridge", args.ridge), ("--preservation", args.preservation), ("--focus", args.focus),
+                       ("--refinements", args.refinements))
+        given = [option for option, value in fit_options if value is not None]
         if given:
             raise BadInputError(f"{', '.join(given)} belong to the down_projection fit; --method distillation trains "
                                 "by gradient steps and takes none of them")
@@ -434,7 +435,8 @@ def cmd_consolidate(args, settings: Settings) -> int:
             scope=args.scope or ("memory" if args.memory_id is not None else
                                  "session" if args.session_id is not None else None),
             memory_id=args.memory_id, session_id=args.session_id, rank=args.rank, min_patches=args.min_patches,
-            ridge=args.ridge, preservation=args.preservation, refinements=args.refinements, method=args.method,
+            ridge=args.ridge, preservation=args.preservation, focus=args.focus, refinements=args.refinements,
+            method=args.method,
         )
         loaded = load_configured_model(settings)
         records = Consolidator(url, loaded, settings.adapters_dir).run(request)
@@ -663,6 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
     consolidate.add_argument("--preservation", type=_non_negative_number,
                              help="weight of the shipped generic prompts against the retrievals in the fit (default: "
                                   "ICLD_CONSOLIDATE_PRESERVATION, else 5.0)")
+    consolidate.add_argument("--focus", type=_non_negative_number,
+                             help="answer positions weighted by 1 + focus x how much the memory raises their token, "
+                                  "in nats; 0: every position alike (default: ICLD_CONSOLIDATE_FOCUS, else 1.0)")
     consolidate.add_argument("--refinements", type=_whole_number_at_least(0),
                              help="refits on the keys the adapted model itself produces, each one more pass over the "
                                   "fitted retrievals; 0: the exact patches' keys only (default: "

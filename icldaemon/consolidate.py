@@ -73,6 +73,9 @@ class ConsolidationSettings(BaseSettings):
     ridge: float = Field(default=answers.RIDGE, gt=0, description="Ridge lambda as a share of the mean squared key.")
     preservation: float = Field(default=answers.PRESERVATION, ge=0,
                                 description="Weight of the generic prompts against the retrievals in the fit.")
+    focus: float = Field(default=answers.FOCUS, ge=0,
+                         description="Answer positions weighted by 1 + focus x how much the memory raises their "
+                                     "token (nats); 0: every position alike.")
     refinements: int = Field(default=answers.REFINEMENTS, ge=0,
                              description="Refits on the keys the adapted model produces; 0: the exact patches' "
                                          "keys only.")
@@ -121,6 +124,7 @@ class ConsolidationRequest:
     min_patches: int = MIN_PATCHES
     ridge: float = answers.RIDGE
     preservation: float = answers.PRESERVATION
+    focus: float = answers.FOCUS
     refinements: int = answers.REFINEMENTS
     held_out: float = HELD_OUT
     gate: QualityGate = QualityGate()
@@ -141,6 +145,8 @@ class ConsolidationRequest:
             raise BadInputError(f"ridge must be positive, got {self.ridge}")
         if self.preservation < 0:
             raise BadInputError(f"preservation must not be negative, got {self.preservation}")
+        if self.focus < 0:
+            raise BadInputError(f"focus must not be negative, got {self.focus}")
         if self.refinements < 0:
             raise BadInputError(f"refinements must not be negative, got {self.refinements}")
         if not 0 < self.held_out < 1:
@@ -153,7 +159,8 @@ class ConsolidationRequest:
         gate = QualityGate(settings.min_answer_share, settings.min_next_token_unchanged, settings.max_neutral_kl,
                            settings.max_leak)
         values = dict(scope=settings.scope, rank=settings.rank, min_patches=settings.min_patches,
-                      ridge=settings.ridge, preservation=settings.preservation, refinements=settings.refinements,
+                      ridge=settings.ridge, preservation=settings.preservation, focus=settings.focus,
+                      refinements=settings.refinements,
                       held_out=settings.held_out, gate=gate)
         values.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**values)
@@ -328,13 +335,17 @@ class Consolidator:
         a_tilde = np.concatenate([patch.a_tilde for patch in fit], axis=1)  # [num_layers, pairs, d_model]
         keys = answers.keys_from_inputs(self.loaded.model, a_tilde, self.adapter)
         values = [np.concatenate([patch.value[layer_idx] for patch in fit]) for layer_idx in range(self.num_layers)]
+        examples = self._refine_examples(connection, fit) if request.refinements or request.focus else []
+        weights = answers.answer_weights(self.loaded.model, examples, request.focus) if examples else None
+        # the exact patches' rows are weighted where every fitted retrieval could be rebuilt (their rows line up)
+        row_weights = np.concatenate(weights) if weights and len(examples) == len(fit) else None
         patch = answers.fit_down_projection(keys, values, generic, rank=request.rank, ridge=request.ridge,
-                                            preservation=request.preservation)
+                                            preservation=request.preservation, weights=row_weights)
         if request.refinements:
-            patch = answers.refine(self.loaded.model, patch, keys, values, self._refine_examples(connection, fit),
-                                   generic, ridge=request.ridge, preservation=request.preservation,
-                                   refinements=request.refinements, adapter=self.adapter)
-        return patch, {"ridge": request.ridge, "preservation": request.preservation,
+            patch = answers.refine(self.loaded.model, patch, keys, values, examples, generic, ridge=request.ridge,
+                                   preservation=request.preservation, refinements=request.refinements,
+                                   adapter=self.adapter, weights=weights)
+        return patch, {"ridge": request.ridge, "preservation": request.preservation, "focus": request.focus,
                        "refinements": request.refinements}
 
     def _distilled(self, connection: queue.Connection, fit: list[store.StoredAnswerPatch],
@@ -357,7 +368,7 @@ class Consolidator:
 
         patch = distil(self.loaded.model, examples, rank=request.rank, steps=STEPS, learning_rate=LEARNING_RATE,
                        progress=progress)
-        return patch, {"ridge": 0.0, "preservation": None, "refinements": None, "steps": STEPS,
+        return patch, {"ridge": 0.0, "preservation": None, "focus": None, "refinements": None, "steps": STEPS,
                        "learning_rate": LEARNING_RATE}
 
     def consolidate_group(self, connection: queue.Connection, request: ConsolidationRequest,

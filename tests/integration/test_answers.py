@@ -115,6 +115,38 @@ def test_the_fit_is_the_ridge_solution_with_preservation(count, generic_count):
         np.testing.assert_allclose(patch.lora_B[layer_idx] @ patch.lora_A[layer_idx], expected, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize(("count", "generic_count"), [(6, 5), (40, 30)], ids=["dual", "primal"])
+def test_weighted_rows_give_the_weighted_ridge_solution(count, generic_count):
+    """Against the normal equations written out: D = V^T W K (K^T W K + mu G^T G + lambda I)^-1, W = w / mean(w)."""
+    generator = np.random.default_rng(2)
+    d_ff, d_model, ridge, preservation = 48, 16, 0.1, 2.0
+    keys, values = generator.normal(size=(count, d_ff)), generator.normal(size=(count, d_model))
+    generic = generator.normal(size=(generic_count, d_ff))
+    weights = generator.uniform(0.5, 6.0, size=count)
+    patch = answers.fit_down_projection([keys], [values], [generic], rank=d_model, ridge=ridge,
+                                        preservation=preservation, weights=weights)
+    w = np.diag(weights / weights.mean())
+    mu = preservation * count / generic_count
+    penalty = ridge * np.mean(np.sum(keys**2, axis=1))  # of the rows as given: the weights do not move the ridge
+    expected = values.T @ w @ keys @ np.linalg.inv(keys.T @ w @ keys + mu * generic.T @ generic
+                                                    + penalty * np.eye(d_ff))
+    np.testing.assert_allclose(patch.lora_B[0] @ patch.lora_A[0], expected, rtol=1e-6, atol=1e-9)
+    # weights that are all alike are no weights at all
+    alike = answers.fit_down_projection([keys], [values], [generic], rank=4, weights=np.full(count, 3.0))
+    plain = answers.fit_down_projection([keys], [values], [generic], rank=4)
+    np.testing.assert_allclose(alike.lora_B[0] @ alike.lora_A[0], plain.lora_B[0] @ plain.lora_A[0], rtol=1e-9)
+
+
+@pytest.mark.parametrize("weights", [np.ones(5), np.array([1.0, 2.0, -1.0, 1.0, 1.0, 1.0]), np.zeros(6),
+                                     np.array([1.0, np.nan, 1.0, 1.0, 1.0, 1.0])],
+                         ids=["too few", "negative", "all zero", "nan"])
+def test_bad_row_weights_are_refused_by_name(weights):
+    generator = np.random.default_rng(3)
+    with pytest.raises(BadInputError, match="weights must be 6 finite non-negative numbers"):
+        answers.fit_down_projection([generator.normal(size=(6, 8))], [generator.normal(size=(6, 4))],
+                                    weights=weights)
+
+
 def test_preservation_keeps_generic_inputs_nearly_unchanged():
     generator = np.random.default_rng(1)
     keys, values = [generator.normal(size=(8, 40))], [generator.normal(size=(8, 10))]
@@ -213,13 +245,13 @@ def _rows_by_hand(model, patch, with_ids, without_ids, answer):
     return keys, values
 
 
-def _assert_fits_exact_and_refined_rows(fitted, patches, rows, generic, layers):
+def _assert_fits_exact_and_refined_rows(fitted, patches, rows, generic, layers, weights=None):
     """`fitted` is the fit of the exact patches' rows and the by-hand `rows` together, at rank 4."""
     expected = answers.fit_down_projection(
         [np.concatenate([*(p.key[layer_idx] for p in patches), *(r[0][layer_idx] for r in rows)])
          for layer_idx in layers],
         [np.concatenate([*(p.value[layer_idx] for p in patches), *(r[1][layer_idx] for r in rows)])
-         for layer_idx in layers], generic, rank=4)
+         for layer_idx in layers], generic, rank=4, weights=weights)
     for layer_idx in layers:
         np.testing.assert_allclose(fitted.lora_B[layer_idx] @ fitted.lora_A[layer_idx],
                                    expected.lora_B[layer_idx] @ expected.lora_A[layer_idx], rtol=1e-4, atol=1e-6)
@@ -233,13 +265,13 @@ def test_refinement_refits_on_the_adapted_models_own_keys(family):
     generic = answers.generic_keys(model, [prompts(9)[0]])
     direct = answers.fit_answer_patches(patches, generic, rank=4)
     refined = answers.fit_answer_patches(patches, generic, rank=4, model=model,
-                                         prompts=[(w, wo) for w, wo, _ in cases], refinements=1)
+                                         prompts=[(w, wo) for w, wo, _ in cases], refinements=1, focus=0)
     layers = range(adapter_for(model).num_layers(model))
     rows = [_rows_by_hand(model, direct, *case) for case in cases]
     _assert_fits_exact_and_refined_rows(refined, patches, rows, generic, layers)
     assert refined.pairs == direct.pairs == sum(p.positions for p in patches)
     unrefined = answers.fit_answer_patches(patches, generic, rank=4, model=model,
-                                           prompts=[(w, wo) for w, wo, _ in cases], refinements=0)
+                                           prompts=[(w, wo) for w, wo, _ in cases], refinements=0, focus=0)
     np.testing.assert_array_equal(unrefined.lora_A, direct.lora_A)
 
 
@@ -251,14 +283,52 @@ def test_a_second_refinement_replaces_the_first_ones_rows_with_its_own():
     patches = [answers.answer_patch(model, *case) for case in cases]
     generic = answers.generic_keys(model, [prompts(9)[0]])
     pairs = [(w, wo) for w, wo, _ in cases]
-    once = answers.fit_answer_patches(patches, generic, rank=4, model=model, prompts=pairs, refinements=1)
-    twice = answers.fit_answer_patches(patches, generic, rank=4, model=model, prompts=pairs, refinements=2)
+    once = answers.fit_answer_patches(patches, generic, rank=4, model=model, prompts=pairs, refinements=1, focus=0)
+    twice = answers.fit_answer_patches(patches, generic, rank=4, model=model, prompts=pairs, refinements=2, focus=0)
     layers = range(adapter_for(model).num_layers(model))
     rows = [_rows_by_hand(model, once, *case) for case in cases]
     _assert_fits_exact_and_refined_rows(twice, patches, rows, generic, layers)
     # the first layer's rows are the same in every refinement (its input is the embeddings, whatever the fit);
     # above it the second run's keys and values differ from the first's
     assert not np.allclose(twice.lora_B[-1] @ twice.lora_A[-1], once.lora_B[-1] @ once.lora_A[-1], rtol=1e-3)
+
+
+def test_answer_positions_are_weighted_by_how_much_the_memory_raises_their_token():
+    """The weights from the test's own forward passes: 1 + focus * max(0, log p(y_t | with) - log p(y_t | without));
+    the fit and its refinement weigh the exact patches' rows and the refinement's rows by them."""
+    model = tiny_model("llama")
+    cases = [prompts(seed) for seed in (3, 4, 5)]
+    patches = [answers.answer_patch(model, *case) for case in cases]
+    generic = answers.generic_keys(model, [prompts(9)[0]])
+    examples = [answers.RefineExample(w, wo, answer) for w, wo, answer in cases]
+
+    def token_log_probs(ids, answer):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + answer[:-1]])).logits[0, len(ids) - 1:]
+        return torch.log_softmax(logits.double(), -1)[torch.arange(len(answer)), answer].numpy()
+
+    # a random tiny model's memory raises tokens by hundredths of a nat: a large focus makes the weights differ
+    focus = 50.0
+    by_hand = [1.0 + focus * np.maximum(token_log_probs(w, answer) - token_log_probs(wo, answer), 0.0)
+               for w, wo, answer in cases]
+    weights = answers.answer_weights(model, examples, focus=focus)
+    for ours, expected in zip(weights, by_hand, strict=True):
+        np.testing.assert_allclose(ours, expected, rtol=1e-6)
+    assert max(float(w.max()) for w in weights) > 1.5  # some positions weigh much more than others
+    assert all((w == 1.0).all() for w in answers.answer_weights(model, examples, focus=0.0))
+    with pytest.raises(BadInputError, match="focus must not be negative"):
+        answers.answer_weights(model, examples, focus=-1.0)
+
+    layers = range(adapter_for(model).num_layers(model))
+    rows_weights = np.concatenate(by_hand)
+    initial = answers.fit_down_projection([np.concatenate([p.key[i] for p in patches]) for i in layers],
+                                          [np.concatenate([p.value[i] for p in patches]) for i in layers], generic,
+                                          rank=4, weights=rows_weights)
+    refined = answers.fit_answer_patches(patches, generic, rank=4, model=model, prompts=[(w, wo) for w, wo, _ in cases],
+                                         refinements=1, focus=focus)
+    rows = [_rows_by_hand(model, initial, *case) for case in cases]
+    _assert_fits_exact_and_refined_rows(refined, patches, rows, generic, layers,
+                                        weights=np.concatenate([rows_weights, rows_weights]))
 
 
 def test_refinement_brings_the_adapted_model_closer_to_the_one_with_the_memory():
@@ -282,7 +352,8 @@ def test_refinement_brings_the_adapted_model_closer_to_the_one_with_the_memory()
 
     pairs = [(w, wo) for w, wo, _ in cases]
     direct = answers.fit_answer_patches(patches, rank=16, ridge=1e-3)
-    refined = answers.fit_answer_patches(patches, rank=16, ridge=1e-3, model=model, prompts=pairs, refinements=1)
+    refined = answers.fit_answer_patches(patches, rank=16, ridge=1e-3, model=model, prompts=pairs, refinements=1,
+                                         focus=0)
     assert distance(refined) < 0.7 * distance(direct)
 
 

@@ -17,7 +17,7 @@ from daemon_fixtures import save_tiny_model
 
 from icldaemon.consolidate import ConsolidationRequest, Consolidator, QualityGate
 from icldaemon.data import load_neutral
-from icldaemon.engine.answers import PRESERVATION, REFINEMENTS
+from icldaemon.engine.answers import FOCUS, PRESERVATION, REFINEMENTS
 from icldaemon.engine.edit_figures import AnswerFigures, Leak, Specificity
 from icldaemon.engine.loading import load_model
 from icldaemon.engine.prompt import Memory, build_prompt
@@ -98,7 +98,7 @@ def test_a_memory_becomes_a_listed_adapter_checked_like_an_edit(database_url, ti
 
     config = json.loads((record.path / "adapter_config.json").read_text())
     metadata = json.loads((record.path / "icldaemon.json").read_text())
-    assert metadata["refinements"] == REFINEMENTS and metadata["preservation"] == PRESERVATION
+    assert (metadata["refinements"], metadata["preservation"], metadata["focus"]) == (REFINEMENTS, PRESERVATION, FOCUS)
     assert not config.get("lora_bias") and all(name.endswith("mlp.down_proj") for name in config["target_modules"])
     peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny.model), str(record.path)).eval()
     kls, kept = [], []
@@ -321,8 +321,8 @@ def test_the_distillation_method_trains_the_baseline_on_the_same_retrievals(data
                       (fact_id,))}
     assert row == ("distillation", 0.0, None, 2)
     metadata = json.loads((record.path / "icldaemon.json").read_text())
-    assert (metadata["method"], metadata["steps"], metadata["learning_rate"], metadata["refinements"]) == (
-        "distillation", STEPS, LEARNING_RATE, None)
+    assert (metadata["method"], metadata["steps"], metadata["learning_rate"], metadata["refinements"],
+            metadata["focus"]) == ("distillation", STEPS, LEARNING_RATE, None, None)
 
     # the adapter as PEFT loads it brings the model without the memory closer to the model with it on the
     # answers it was trained on (prompts rendered by the test from the stored messages and memories)

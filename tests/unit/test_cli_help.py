@@ -83,10 +83,11 @@ def test_distillation_refuses_the_fit_options_naming_them():
     from icldaemon.cli import cmd_consolidate
     from icldaemon.settings import load_settings
 
-    args = build_parser().parse_args(["consolidate", "--method", "distillation", "--ridge", "0.1", "--refinements", "2"])
+    args = build_parser().parse_args(["consolidate", "--method", "distillation", "--ridge", "0.1", "--focus", "1",
+                                      "--refinements", "2"])
 
     # refused before the database or the model is touched
     with pytest.raises(BadInputError) as refused:
         cmd_consolidate(args, load_settings())
-    assert str(refused.value) == ("--ridge, --refinements belong to the down_projection fit; --method distillation "
-                                  "trains by gradient steps and takes none of them")
+    assert str(refused.value) == ("--ridge, --focus, --refinements belong to the down_projection fit; --method "
+                                  "distillation trains by gradient steps and takes none of them")
