@@ -156,8 +156,8 @@ def pooled_folds(rows: list[dict]) -> dict:
 def run(facts: int | None = None, distil_facts: int | range = 1, rank: int = answers.RANK,
         ridge: float = answers.RIDGE, preservation: float = answers.PRESERVATION, distil_steps: int = 125,
         folds: int = FOLDS, refinements: int = answers.REFINEMENTS, focus: float = answers.FOCUS, progress=None,
-        explain: bool = False,
-        generic_file: str | None = None, generic_positions: int = answers.GENERIC_POSITIONS) -> dict:
+        explain: bool = False, generic_file: str | None = None,
+        generic_positions: int = answers.GENERIC_POSITIONS) -> dict:
     progress = progress or (lambda message: print(message, flush=True))  # shown at once also when redirected
     distil_facts = range(distil_facts) if isinstance(distil_facts, int) else distil_facts
     if not 1 <= folds <= FOLDS:
@@ -293,9 +293,8 @@ def summarise(per_fact: dict) -> dict:
 def print_report(result: dict) -> None:
     summary = result["summary"]
     print(f"consolidation: {result['model']}, {summary['facts']} facts, rank {result['rank']}, ridge "
-          f"{result['ridge']}, preservation {result['preservation']}, focus {result.get('focus', 0.0)}, refinements "
-          f"{result['refinements']}, "
-          f"{result['neutral_prompts']} neutral prompts, "
+          f"{result['ridge']}, preservation {result['preservation']}, focus {result['focus']}, refinements "
+          f"{result['refinements']}, {result['neutral_prompts']} neutral prompts, "
           f"{platform.processor() or platform.machine()}, {result['threads']} threads, {result['seconds']:.0f} s")
     print(f"{result['folds']} of {FOLDS} folds per fact: each fold's adapter fitted on the other folds' questions and "
           f"the irrelevant retrievals, checked on its own; {summary['examples']} held-out answers in all")

@@ -344,7 +344,7 @@ class Consolidator:
         if request.refinements:
             patch = answers.refine(self.loaded.model, patch, keys, values, examples, generic, ridge=request.ridge,
                                    preservation=request.preservation, refinements=request.refinements,
-                                   adapter=self.adapter, weights=weights)
+                                   adapter=self.adapter, weights=weights, key_weights=row_weights)
         return patch, {"ridge": request.ridge, "preservation": request.preservation, "focus": request.focus,
                        "refinements": request.refinements}
 

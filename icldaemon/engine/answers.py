@@ -499,12 +499,13 @@ def fit_answer_patches(patches: Sequence[AnswerPatch], generic: Sequence[np.ndar
     examples = [RefineExample(list(with_ids), list(without_ids), patch.answer_ids)
                 for (with_ids, without_ids), patch in zip(prompts, patches, strict=True)]
     weights = answer_weights(model, examples, focus)
+    key_weights = np.concatenate(weights)  # the examples are the patches, in their order
     fitted = fit_down_projection(keys, values, generic, rank=rank, ridge=ridge, preservation=preservation,
-                                 weights=np.concatenate(weights))
+                                 weights=key_weights)
     if refinements == 0:
         return fitted
     return refine(model, fitted, keys, values, examples, generic, ridge=ridge, preservation=preservation,
-                  refinements=refinements, weights=weights)
+                  refinements=refinements, weights=weights, key_weights=key_weights)
 
 
 # ---- the fit refined on the adapted model's own keys ---------------------------------------------------
@@ -580,8 +581,8 @@ def _increments(model, adapter, prompt: list[int], answer_ids: list[int], patch=
 def refine(model: PreTrainedModel, fitted: DownProjectionPatch, keys: Sequence[np.ndarray],
            values: Sequence[np.ndarray], examples: Sequence[RefineExample], generic: Sequence[np.ndarray] | None = None,
            *, ridge: float = RIDGE, preservation: float = PRESERVATION, refinements: int = REFINEMENTS,
-           adapter: ArchitectureAdapter | None = None, weights: Sequence[np.ndarray] | None = None
-           ) -> DownProjectionPatch:
+           adapter: ArchitectureAdapter | None = None, weights: Sequence[np.ndarray] | None = None,
+           key_weights: np.ndarray | None = None) -> DownProjectionPatch:
     """Refit with the keys the adapted model itself produces (docs/method.md §7.2).
 
     The exact patches' keys come from the hybrid run, whose layer inputs are the full run's; the adapted
@@ -592,8 +593,9 @@ def refine(model: PreTrainedModel, fitted: DownProjectionPatch, keys: Sequence[n
     (full increment - adapted increment) / s + the fit's own addition there. Then `keys`/`values` and
     these rows are fitted together as in `fit_down_projection`, at the rank `fitted` has.
 
-    `weights`, per example one per answer position (`answer_weights`), weigh its rows; where the examples
-    are the retrievals `keys` came from, in their order (as many rows), they weigh those rows too.
+    `weights`, per example one per answer position (`answer_weights`), weigh its rows, and `key_weights`,
+    one per row of `keys`, weigh those (the caller knows whether they line up with the examples); either
+    left out weighs its rows alike.
     """
     adapter = adapter or adapter_for(model)
     _check_supported(adapter)
@@ -605,9 +607,10 @@ def refine(model: PreTrainedModel, fitted: DownProjectionPatch, keys: Sequence[n
         raise BadInputError("refine's weights must give one number per answer position of each example")
     full = [_increments(model, adapter, example.with_ids, example.answer_ids).increment for example in examples]
     row_weights = None
-    if weights is not None:
-        example_rows = np.concatenate(weights)
-        base_rows = example_rows if len(example_rows) == len(keys[0]) else np.ones(len(keys[0]))
+    if weights is not None or key_weights is not None:
+        base_rows = np.ones(len(keys[0])) if key_weights is None else np.asarray(key_weights, dtype=np.float64)
+        example_rows = (np.ones(sum(len(example.answer_ids) for example in examples)) if weights is None
+                        else np.concatenate(weights))
         row_weights = np.concatenate([base_rows, example_rows])  # each refinement: the base rows and its own
     current = fitted
     for _ in range(refinements):
