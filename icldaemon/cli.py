@@ -20,6 +20,7 @@ from icldaemon.settings import Settings, load_settings
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 MEASURE_PLAIN_FORWARD_REPEATS = 3  # warm plain passes timed by `measure` for its speed ratio
+PRIORITY_RANGE = (-2**31, 2**31 - 1)  # PostgreSQL's integer, the type of prompts.priority
 DESCRIPTION = (
     "Measure how far a language model's context moves its implicit weights, per layer and per context token, "
     "and attribute the effect to each retrieved memory; prompts, memories and results live in PostgreSQL "
@@ -266,6 +267,19 @@ def _positive_number(value: str) -> float:
         number = 0.0
     if not number > 0 or number == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return number
+
+
+def _priority(value: str) -> int:
+    """An argparse type for --priority: a whole number that fits prompts.priority."""
+    lowest, highest = PRIORITY_RANGE
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or not lowest <= number <= highest:
+        raise argparse.ArgumentTypeError(f"expected a whole number from {lowest} to {highest} (PostgreSQL's integer), "
+                                         f"got {value!r}")
     return number
 
 
@@ -564,6 +578,19 @@ def cmd_roles(args, settings: Settings) -> int:
     return 0
 
 
+def _invalid_configuration(exc: ValidationError) -> str:
+    """One line: each invalid setting's own validator message (which names the variable), else pydantic's with the
+    field and the value given."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        if error["type"] == "value_error":
+            problems.append(str(error["ctx"]["error"]))
+        else:
+            field = ".".join(str(part) for part in error["loc"])
+            problems.append(f"{field}: {error['msg']} (got {error['input']!r})")
+    return f"invalid configuration: {'; '.join(problems)}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="icldaemon", description=DESCRIPTION)
     parser.add_argument("--log-format", choices=["json", "console", "auto"], help="overrides ICLD_LOG_FORMAT")
@@ -613,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--messages-file", help="a JSON chat: a list of {\"role\", \"content\"} objects")
     submit.add_argument("--memory-ids", type=_memory_ids, default=[], help="retrieved memories in rank order: 3,1,2")
     submit.add_argument("--session-id", help="a UUID grouping the prompts of one conversation")
-    submit.add_argument("--priority", type=int, default=0, help="higher is measured first (default 0)")
+    submit.add_argument("--priority", type=_priority, default=0, help="higher is measured first (default 0)")
     submit.set_defaults(handler=cmd_submit)
 
     status = commands.add_parser("status", help="queue counts by status and the last errors")
@@ -712,14 +739,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings(log_format=args.log_format)
-    except ValueError as exc:
+    except ValidationError as exc:
+        print(f"icldaemon: {_invalid_configuration(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:  # pydantic-settings' own, a value it could not read at all
         print(f"icldaemon: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(settings.log_format, settings.log_level)
     try:
         return args.handler(args, settings)
     except ValidationError as exc:  # a setting read by a command (ICLD_POLL_INTERVAL, ICLD_CONSOLIDATE_RANK, ...)
-        print(f"icldaemon: invalid configuration: {exc}", file=sys.stderr)
+        print(f"icldaemon: {_invalid_configuration(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except IcldaemonError as exc:
         print(f"icldaemon: {exc}", file=sys.stderr)

@@ -342,10 +342,13 @@ class Service:
 
     def maintain_partitions(self) -> None:
         try:
-            created, dropped = maintain_partitions(self.worker.url, self.retention_days)
+            created, dropped, applied = maintain_partitions(self.worker.url, self.retention_days)
         except DatabaseError as exc:
             self.log.error("partition_maintenance_failed", error=str(exc))
             return
+        if self.retention_days and applied is None:
+            self.log.warning("retention_not_configured", retention_days=self.retention_days,
+                             hint="the schema owner sets it: icldaemon roles --retention-days")
         if created:
             self.log.info("partitions_created", partitions=created)
         if dropped:
@@ -361,6 +364,11 @@ class Service:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+    def _current_prompt_id(self) -> int | None:
+        """The prompt being measured, for the main thread's logs; read once, as the worker thread may clear it."""
+        current = self._current
+        return current.prompt_id if current is not None else None
 
     def _activity(self) -> str:
         current = self._current
@@ -396,14 +404,14 @@ class Service:
                 if stalled and not withheld:
                     self.log.error("watchdog_withheld", stalled_seconds={thread: round(seconds, 1)
                                                                           for thread, seconds in stalled.items()},
-                                   current_prompt=self._current and self._current.prompt_id)
+                                   current_prompt=self._current_prompt_id())
                 elif withheld and not stalled:
                     self.log.info("watchdog_resumed")
                 withheld = bool(stalled)
                 if not stalled:
                     notifier.watchdog()
                 self._stopping.wait(tick)
-            self.log.info("daemon_stopping", current_prompt=self._current and self._current.prompt_id)
+            self.log.info("daemon_stopping", current_prompt=self._current_prompt_id())
             notifier.stopping()
             self._stopping.set()
             self._wake.set()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # root's is a system service's: a home directory of mode 0700 would keep the embedded PostgreSQL's
@@ -96,6 +96,15 @@ class Settings(BaseSettings):
         description="Greedy answer tokens recorded per prompt with retrieved memories, with each memory's exact "
         "patch at every answer position (what consolidation fits); 0 records none.",
     )
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_not_empty(cls, url: str | None) -> str | None:
+        # an empty value would otherwise read as unset and start the embedded database in its place
+        if url is not None and not url.strip():
+            raise ValueError(f"{DATABASE_URL_VARIABLE} is set but empty: unset it for the embedded database, or give "
+                             "a PostgreSQL URL")
+        return url
 
     @property
     def models_dir(self) -> Path:

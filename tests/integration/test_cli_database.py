@@ -197,3 +197,73 @@ def test_an_error_from_the_database_is_printed_once_in_either_log_format(tmp_pat
         result = icldaemon("plot", "424242", url=database_url, tmp_path=tmp_path, ICLD_LOG_FORMAT=log_format)
 
         assert the_one_line(result) == "icldaemon: measurement run 424242 does not exist"
+
+
+# --- refused before connecting: an empty URL, a priority beyond the column's type
+
+
+@pytest.mark.parametrize("command", DATABASE_COMMANDS.values(), ids=DATABASE_COMMANDS)
+def test_an_empty_database_url_is_refused_naming_the_variable_not_read_as_unset(tmp_path, prompt_file, command):
+    result = icldaemon(*command, url="", tmp_path=tmp_path)
+
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == ("icldaemon: invalid configuration: ICLD_DATABASE_URL is set but empty: unset it for the "
+                             "embedded database, or give a PostgreSQL URL\n")
+    assert not (tmp_path / "data").exists()  # no embedded database started in its place
+
+
+def prompt_priorities(url: str) -> list[int]:
+    with psycopg.connect(url) as connection:
+        return [row[0] for row in connection.execute("SELECT priority FROM prompts ORDER BY id")]
+
+
+@pytest.mark.parametrize("priority", ["99999999999", "2147483648", "-2147483649", "high"])
+def test_a_priority_beyond_postgresqls_integer_is_refused_naming_the_option_and_range(tmp_path, prompt_file,
+                                                                                     database_url, priority):
+    result = icldaemon("submit", "--text-file", "prompt.txt", "--priority", priority, url=database_url,
+                       tmp_path=tmp_path)
+
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == (
+        f"icldaemon submit: error: argument --priority: expected a whole number from -2147483648 to 2147483647 "
+        f"(PostgreSQL's integer), got '{priority}'")
+    assert prompt_priorities(database_url) == []
+
+
+def test_the_ends_of_the_range_pass_the_option():  # what the database then allows is its own limit
+    for priority in (2147483647, -2147483648):
+        arguments = build_parser().parse_args(["submit", "--text-file", "prompt.txt", "--priority", str(priority)])
+        assert arguments.priority == priority
+
+
+# What a limit on priorities in the database (a CHECK constraint, or icl_submit() refusing a value) says.
+PRIORITY_LIMITS = {
+    "check_violation": "ALTER TABLE prompts ADD CONSTRAINT priority_limit CHECK (priority <= 100)",
+    "invalid_parameter_value": """
+        CREATE FUNCTION refuse_priority() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.priority > 100 THEN
+                RAISE EXCEPTION 'priority % is above the limit 100', NEW.priority USING ERRCODE = '22023';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse_priority BEFORE INSERT ON prompts FOR EACH ROW EXECUTE FUNCTION refuse_priority()""",
+}
+PRIORITY_LIMIT_MESSAGES = {
+    "check_violation": 'new row for relation "prompts" violates check constraint "priority_limit"',
+    "invalid_parameter_value": "priority 101 is above the limit 100",
+}
+
+
+@pytest.mark.parametrize("limit", PRIORITY_LIMITS)
+def test_a_priority_the_database_refuses_is_its_own_message_not_a_missing_schema(tmp_path, prompt_file, database_url,
+                                                                                limit):
+    database = database_url.rsplit("/", 1)[1]
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        connection.execute(PRIORITY_LIMITS[limit])
+
+    result = icldaemon("submit", "--text-file", "prompt.txt", "--priority", "101", url=database_url, tmp_path=tmp_path)
+
+    assert the_one_line(result) == (f"icldaemon: submitting a prompt failed on database '{database}' on "
+                                    f"127.0.0.1:5432: {PRIORITY_LIMIT_MESSAGES[limit]}")
+    assert prompt_priorities(database_url) == []

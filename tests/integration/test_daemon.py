@@ -1,10 +1,12 @@
 """The worker over a queue of good and bad prompts, with a tiny random model loaded from a directory."""
 
 import json
+import threading
 
 import numpy as np
 import psycopg
 import pytest
+import structlog.testing
 import torch
 from daemon_fixtures import MAX_POSITIONS, save_tiny_model
 
@@ -205,6 +207,72 @@ def test_run_forever_exits_1_when_the_worker_thread_fails_outside_a_job(database
     service = Service(Worker(database_url, tiny, worker_id="test"), poll_interval=0.2, stop_timeout=2.0,
                       on_processed=broken_callback)
     assert service.run_forever() == 1
+    with psycopg.connect(database_url) as connection:
+        assert connection.execute("SELECT status FROM prompts WHERE id = %s", (prompt_id,)).fetchone() == ("done",)
+
+
+EVENT_TIMEOUT = 60.0  # seconds; a safety net only: each wait ends on an event the other thread sets
+
+
+class StoppedWhileMeasuring(Worker):
+    """A worker whose job stops the service (as SIGTERM would) and then waits until `may_finish` is set."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.service: Service | None = None
+        self.may_finish = threading.Event()
+
+    def measure_prompt(self, prompt):
+        self.service.stop()
+        assert self.may_finish.wait(EVENT_TIMEOUT)
+        return super().measure_prompt(prompt)
+
+
+class JobEndsBetweenReads(Service):
+    """The worker thread's job ends, and clears _current, just after the main thread's first read of it.
+
+    No listener, so that the main loop never reads _current for systemd's status: its first read is the one
+    made once it stops.
+    """
+
+    def __init__(self, worker: StoppedWhileMeasuring, **options):
+        self._claim, self._job_ended, self.main_thread_reads = None, threading.Event(), 0
+        super().__init__(worker, **options)
+        worker.service = self
+
+    @property
+    def _current(self):
+        claim = self._claim
+        if threading.current_thread() is threading.main_thread():
+            self.main_thread_reads += 1
+            if self.main_thread_reads == 1:
+                self.worker.may_finish.set()
+                assert self._job_ended.wait(EVENT_TIMEOUT)
+        return claim
+
+    @_current.setter
+    def _current(self, claim):
+        if claim is None and self._claim is not None:
+            self._job_ended.set()
+        self._claim = claim
+
+    def _listen(self) -> None:
+        self._stopping.wait()
+
+
+def test_a_job_that_ends_while_the_daemon_stops_is_logged_once_and_the_daemon_exits_0(database_url, tiny):
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        prompt_id = insert(connection, text="one two three four")
+    service = JobEndsBetweenReads(StoppedWhileMeasuring(database_url, tiny, worker_id="test"), poll_interval=60.0,
+                                  stop_timeout=EVENT_TIMEOUT)
+
+    with structlog.testing.capture_logs() as logs:
+        exit_code = service.run_forever()
+
+    assert exit_code == 0
+    stopping = [entry for entry in logs if entry["event"] == "daemon_stopping"]
+    assert [entry["current_prompt"] for entry in stopping] == [prompt_id]  # as it was when read, once
+    assert not [entry for entry in logs if entry["event"] == "prompt_released"]  # the job ended: nothing to release
     with psycopg.connect(database_url) as connection:
         assert connection.execute("SELECT status FROM prompts WHERE id = %s", (prompt_id,)).fetchone() == ("done",)
 
