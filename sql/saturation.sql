@@ -28,12 +28,12 @@ GROUP BY layer_idx
 ORDER BY layer_idx;
 
 -- name: run_saturation --
--- One run, per layer: the token at which its update norm and its path length saturate, with that token's text and segment.
+-- One run, per layer: the token at which its update norm and its path length saturate, with that token's segment and memory (its text is the text reader's: icl_dynamics_log.token_text).
 SELECT layers.layer_idx,
        layers.saturation_token_idx,
        layers.saturation_fraction,
-       saturation_token.token_text AS saturation_token_text,
        saturation_token.segment AS saturation_segment,
+       saturation_token.memory_id AS saturation_memory_id,
        layers.path_saturation_token_idx,
        layers.path_saturation_fraction,
        layers.final_update_norm,

@@ -1,18 +1,6 @@
--- name: lock_memory_key --
--- Serialise the upserts of one key until the transaction ends (memories.key is not unique).
-SELECT pg_advisory_xact_lock(hashtextextended('icldaemon memory ' || %(key)s, 0));
-
--- name: memory_by_key --
--- The lowest-id memory with this key, locked for the upsert; no row when none has it.
-SELECT id, content FROM memories WHERE key = %(key)s ORDER BY id LIMIT 1 FOR UPDATE;
-
--- name: update_memory_content --
--- Replace one memory's content.
-UPDATE memories SET content = %(content)s WHERE id = %(memory_id)s;
-
--- name: insert_memory --
--- A new memory; returns its id.
-INSERT INTO memories (key, content) VALUES (%(key)s, %(content)s) RETURNING id;
+-- name: put_memory --
+-- Add a memory of the session user's under a key, or replace the content of its lowest-id one with that key (revision 0009's function, which a submitter may call).
+SELECT memory_id, outcome FROM icl_put_memory(%(key)s, %(content)s);
 
 -- name: list_memories --
 -- The memories by id with how often each was retrieved and measured, and how many there are in all.

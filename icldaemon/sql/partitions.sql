@@ -1,3 +1,7 @@
+-- name: limit_lock_waits --
+-- Any login can take the maintenance's advisory lock or a lock on the log: wait for none longer than this, in this transaction.
+SELECT set_config('lock_timeout', %(lock_timeout)s, true);
+
 -- name: lock_icl_dynamics_log_partitions --
 -- Serialise partition maintenance between daemons until the end of the transaction.
 SELECT pg_advisory_xact_lock(hashtext('icl_dynamics_log_partitions'));

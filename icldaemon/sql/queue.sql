@@ -67,7 +67,7 @@ ORDER BY memory_retrievals.rank, memory_retrievals.memory_id;
 
 -- name: submit_prompt --
 -- Queue a prompt with its retrieved memories (in rank order) through icl_submit().
-SELECT icl_submit(%(messages)s::jsonb, %(memory_ids)s::bigint[], %(text)s, %(session_id)s::uuid, %(priority)s);
+SELECT icl_submit(%(messages)s::jsonb, %(memory_ids)s::bigint[], %(text)s, %(session_id)s::uuid, %(priority)s::integer);
 
 -- name: queue_counts --
 -- How many prompts are in each status.

@@ -26,19 +26,13 @@ def _require_text(value: str, what: str) -> str:
 
 
 def upsert_memory(connection: psycopg.Connection, key: str, content: str) -> Upserted:
-    """Set the content of the lowest-id memory with `key`, or add one; two upserts of one key never both add."""
+    """Set the content of the session user's lowest-id memory with `key`, or add one; two upserts of one key
+    never both add. Memories other roles stored are never touched: each submitter keeps its own."""
     parameters = {"key": _require_text(key, "the memory's key"),
                   "content": _require_text(content, f"the content of memory {key!r}")}
     with translate_errors(connection_url(connection), f"storing memory {key!r}"), connection.transaction():
-        connection.execute(QUERIES["lock_memory_key"], parameters)
-        existing = connection.execute(QUERIES["memory_by_key"], parameters).fetchone()
-        if existing is None:
-            return Upserted(connection.execute(QUERIES["insert_memory"], parameters).fetchone()[0], "added")
-        memory_id, stored_content = existing
-        if stored_content == content:
-            return Upserted(memory_id, "unchanged")
-        connection.execute(QUERIES["update_memory_content"], {"memory_id": memory_id, "content": content})
-        return Upserted(memory_id, "updated")
+        memory_id, outcome = connection.execute(QUERIES["put_memory"], parameters).fetchone()
+    return Upserted(memory_id, outcome)
 
 
 def list_memories(connection: psycopg.Connection, limit: int) -> list[dict]:

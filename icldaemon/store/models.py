@@ -68,6 +68,8 @@ class Memory(Base):
     # `metadata` is taken by the declarative base; the column keeps its name.
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata")
     created_at: Mapped[datetime.datetime] = mapped_column(server_default=func.now())
+    # the session user that stored it (revision 0009): a prompt retrieves only its own submitter's memories
+    submitted_by: Mapped[str | None] = mapped_column(server_default=sql_text("session_user"))
 
 
 class Prompt(Base):
@@ -116,6 +118,8 @@ class MemoryRetrieval(Base):
     __table_args__ = (
         # Consolidation reads every retrieval of one memory.
         Index("memory_retrievals_memory_id_idx", "memory_id"),
+        CheckConstraint("rank >= 1", name="rank"),
+        CheckConstraint("score > '-Infinity' AND score < 'Infinity'", name="score"),  # NaN is above Infinity
     )
 
     prompt_id: Mapped[int] = mapped_column(
@@ -391,3 +395,30 @@ WHERE submitted_by = session_user
 """
 event.listen(Base.metadata, "after_create", DDL(ICL_OWN_PROMPTS_VIEW))
 event.listen(Base.metadata, "before_drop", DDL("DROP VIEW IF EXISTS icl_own_prompts"))
+
+
+class IclConfig(Base):
+    """The schema owner's settings (revision 0009), one row: only the owner writes it, every role reads it."""
+
+    __tablename__ = "icl_config"
+    __table_args__ = (
+        CheckConstraint("id", name="one_row"),
+        CheckConstraint("retention_days > 0 AND retention_days < 'Infinity'", name="retention"),
+        CheckConstraint("max_text_bytes > 0 AND max_messages > 0 AND max_content_bytes > 0 AND max_key_bytes > 0 "
+                        "AND max_retrievals >= 0", name="bounds"),
+        CheckConstraint("min_priority <= max_priority", name="priority_range"),
+        {"comment": "The schema owner's settings: the log's retention and the bounds on what clients insert. One row."},
+    )
+
+    id: Mapped[bool] = mapped_column(primary_key=True, server_default=sql_text("true"))
+    # days after its month ends that a monthly partition of the log is dropped; NULL keeps the log forever
+    retention_days: Mapped[float | None]
+    max_text_bytes: Mapped[int] = mapped_column(server_default=sql_text("1048576"))  # a prompt's text or messages
+    max_messages: Mapped[int] = mapped_column(server_default=sql_text("256"))
+    max_content_bytes: Mapped[int] = mapped_column(server_default=sql_text("65536"))  # a memory's content
+    max_key_bytes: Mapped[int] = mapped_column(server_default=sql_text("1024"))  # a memory's key
+    max_retrievals: Mapped[int] = mapped_column(server_default=sql_text("64"))  # memories retrieved for one prompt
+    min_priority: Mapped[int] = mapped_column(server_default=sql_text("-1000"))
+    max_priority: Mapped[int] = mapped_column(server_default=sql_text("1000"))
+    # whether a prompt may retrieve memories another submitter stored
+    share_memories: Mapped[bool] = mapped_column(server_default=sql_text("false"))

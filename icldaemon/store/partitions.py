@@ -1,7 +1,9 @@
 """Monthly partitions of the log's tables, icl_dynamics_layers and icl_dynamics_tokens, bounded by months in UTC.
 
-They are made by `icl_create_log_partition`, a function of the schema owner (revision 0008), so the
-writer needs neither CREATE nor ownership of any table.
+They are made by `icl_create_log_partition`, a function of the schema owner (revisions 0008, 0009), so
+the writer needs neither CREATE nor ownership of any table. Any login can take the advisory lock that
+serialises maintenance, or hold a lock on the log: maintenance waits for none longer than
+`LOCK_TIMEOUT` and then fails with the database's lock-timeout error, to be retried at its next round.
 
 A month's partitions are named after their table, `icl_dynamics_layers_y2026m03` and
 `icl_dynamics_tokens_y2026m03`, and always made (and dropped, store/retention.py) together: a run's
@@ -18,6 +20,7 @@ from icldaemon.store.database import translate_errors
 from icldaemon.store.queries import QUERIES
 
 DEFAULT_MONTHS_AHEAD = 2  # months after the current one
+LOCK_TIMEOUT = "10s"  # the longest maintenance waits for a lock that another role (any login can) holds
 LOG_TABLES = ("icl_dynamics_layers", "icl_dynamics_tokens")  # read together through the view icl_dynamics_log
 MONTHLY_PARTITION = re.compile(rf"^(?P<table>{'|'.join(LOG_TABLES)})_y(?P<year>\d{{4}})m(?P<month>\d{{2}})$")
 
@@ -58,6 +61,7 @@ def ensure_partitions(
     url = conn.engine.url.render_as_string(hide_password=False)
     created: list[str] = []
     with translate_errors(url, "creating partitions of icl_dynamics_layers and icl_dynamics_tokens"):
+        conn.exec_driver_sql(QUERIES["limit_lock_waits"], {"lock_timeout": LOCK_TIMEOUT})
         conn.exec_driver_sql(QUERIES["lock_icl_dynamics_log_partitions"])
         existing = set(conn.exec_driver_sql(QUERIES["list_icl_dynamics_log_partitions"]).scalars())
         for months_later in range(months_ahead + 1):

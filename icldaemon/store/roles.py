@@ -8,16 +8,22 @@ role that runs it, so that tables and views of later migrations are granted too.
 
 - The **writer** reads and writes rows (it deletes none), owns nothing and creates nothing: the
   monthly partitions of the log's tables are made and dropped by two functions of the schema owner
-  (revision 0008) that it may only execute, and which make only the log's monthly partitions and drop
-  only months older than the retention. It cannot alter, drop or truncate any table, nor change the
-  schema revision. Log tables an earlier version gave it are given back to the schema owner.
-- The **reader** reads every table and view, but not the raw text of prompts (`text`, `messages`) nor
-  of memories (`content`); its sessions start read-only. The log's `token_text` stays readable: the
-  dashboards label tokens with it.
-- The **submitter** calls `icl_submit`, inserts memories, prompts and retrievals, and reads the status
-  of the prompts it submitted (`icl_own_prompts`); nothing else.
-- The **text reader** (`icldaemon_text_reader`, no login) may read the raw text: the opt-in for a
+  (revisions 0008, 0009) that it may only execute, and which make only the log's monthly partitions and
+  drop only months older than the retention the owner configured (`icl_config`). It cannot alter, drop
+  or truncate any table, nor change the schema revision or the owner's settings. Log tables an earlier
+  version gave it are given back to the schema owner.
+- The **reader** reads every table and view but no column that holds text or rebuilds it (`TEXT_COLUMNS`:
+  the prompts' text and messages, the memories' content, the log's token texts, the prompt hash, the
+  model's answers as token ids, the patch vectors); its sessions start read-only. It reads the log's
+  partitions only through their parents, where those column grants apply.
+- The **submitter** calls `icl_submit` and `icl_put_memory`, inserts memories, prompts and retrievals
+  (retrievals only of its own memories into its own prompts: revision 0009's trigger), and reads the
+  status of the prompts it submitted (`icl_own_prompts`, a security barrier); nothing else.
+- The **text reader** (`icldaemon_text_reader`, no login) may read those columns too: the opt-in for a
   login that needs it (`GRANT icldaemon_text_reader TO alice`).
+
+In the database it also revokes TEMPORARY from PUBLIC (nothing the service runs needs temporary
+objects) and, where an older database still grants it, CREATE on schema public from PUBLIC.
 """
 
 from dataclasses import dataclass, field
@@ -25,6 +31,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
+from icldaemon.exceptions import ConfigurationError
 from icldaemon.store.database import translate_errors
 from icldaemon.store.queries import QUERIES
 from icldaemon.store.queue import connect, connection_url
@@ -37,8 +44,19 @@ TEXT_READER_ROLE = "icldaemon_text_reader"
 
 _WRITER_GRANTS = ("grant_writer_schema", "grant_writer_functions", "grant_writer_tables",
                   "revoke_writer_schema_version", "grant_writer_future_tables")
-_READER_GRANTS = ("grant_reader_schemas", "grant_reader_tables", "reader_without_raw_text",
-                  "grant_reader_future_objects", "grant_reader_future_schemas")
+_READER_GRANTS = ("grant_reader_schemas", "grant_reader_tables", "grant_reader_future_objects",
+                  "grant_reader_future_schemas")
+# Columns the reader may not read: text, or numbers from which the text can be rebuilt (a hash of the token ids
+# is inverted by trying the vocabulary; answer ids decode to the answer; the patch vectors are hidden states).
+TEXT_COLUMNS = {
+    "prompts": ("text", "messages"),
+    "memories": ("content",),
+    "icl_dynamics_tokens": ("token_text",),
+    "icl_dynamics_log": ("token_text", "prompt_hash"),
+    "measurement_runs": ("prompt_hash",),
+    "memory_patches": ("delta", "a_tilde", "bias_delta"),
+    "memory_answer_patches": ("answer_ids", "a_tilde", "value"),
+}
 
 
 @dataclass
@@ -49,6 +67,8 @@ class RolesReport:
     created: list[str] = field(default_factory=list)
     made_read_only: list[str] = field(default_factory=list)
     tables_given_back: list[str] = field(default_factory=list)
+    public_create_revoked: bool = False
+    retention_days: float | None = None
 
 
 def _execute(connection: psycopg.Connection, name: str, parameters: dict | None = None, **identifiers):
@@ -69,9 +89,23 @@ def _create_role(connection: psycopg.Connection, role: str, login: bool = True) 
     return True
 
 
+def _grant_reader_columns(connection: psycopg.Connection, reader: sql.Identifier) -> None:
+    for relation, hidden in TEXT_COLUMNS.items():
+        columns = [name for (name,) in _execute(connection, "relation_columns", {"relation": relation}).fetchall()
+                   if name not in hidden]
+        _execute(connection, "reader_without_columns", relation=sql.Identifier(relation), reader=reader,
+                 columns=sql.SQL(", ").join(map(sql.Identifier, columns)))
+
+
 def ensure_roles(url: str, writer: str = WRITER_ROLE, reader: str = READER_ROLE,
-                 submitter: str = SUBMITTER_ROLE) -> RolesReport:
-    """Create the roles if missing and grant them their privileges in the database at `url`."""
+                 submitter: str = SUBMITTER_ROLE, retention_days: float | None = None) -> RolesReport:
+    """Create the roles if missing and grant them their privileges in the database at `url`.
+
+    `retention_days`, when given, becomes the log's retention (icl_config): the days after its month ends
+    that a monthly partition is dropped by the daemon's partition maintenance.
+    """
+    if retention_days is not None and not 0 < retention_days < float("inf"):
+        raise ConfigurationError(f"--retention-days must be a positive number of days, got {retention_days}")
     report = RolesReport(writer, reader, submitter)
     with connect(url) as connection, translate_errors(connection_url(connection), "creating roles and grants"):
         for role in (writer, reader, submitter):
@@ -88,14 +122,25 @@ def ensure_roles(url: str, writer: str = WRITER_ROLE, reader: str = READER_ROLE,
             _execute(connection, name, writer=roles["writer"])
         for name in _READER_GRANTS:
             _execute(connection, name, reader=roles["reader"])
-        _execute(connection, "grant_text_reader", text_reader=sql.Identifier(TEXT_READER_ROLE))
-        _execute(connection, "grant_submitter", submitter=sql.Identifier(submitter),
-                 database=sql.Identifier(connection.info.dbname))
+        _grant_reader_columns(connection, roles["reader"])
+        _execute(connection, "grant_text_reader", text_reader=sql.Identifier(TEXT_READER_ROLE),
+                 relations=sql.SQL(", ").join(map(sql.Identifier, TEXT_COLUMNS)))
+        database = sql.Identifier(connection.info.dbname)
+        _execute(connection, "grant_submitter", submitter=sql.Identifier(submitter), database=database)
+        _execute(connection, "revoke_temporary", database=database)
+        if _execute(connection, "public_create_granted").fetchone()[0]:
+            _execute(connection, "revoke_public_create")
+            report.public_create_revoked = True
         (schema_owner,) = _execute(connection, "schema_owner").fetchone()
-        for schema_name, table_name, owner in _execute(connection, "icl_dynamics_log_tables").fetchall():
+        for schema_name, table_name, owner, level in _execute(connection, "icl_dynamics_log_tables").fetchall():
+            table = sql.Identifier(schema_name, table_name)
             if owner == writer:
-                _execute(connection, "give_table_back", table=sql.Identifier(schema_name, table_name),
-                         owner=sql.Identifier(schema_owner))
+                _execute(connection, "give_table_back", table=table, owner=sql.Identifier(schema_owner))
                 report.tables_given_back.append(table_name)
+            if level > 0:
+                _execute(connection, "revoke_partition", partition=table, **roles)
+        if retention_days is not None:
+            _execute(connection, "set_retention", {"retention_days": float(retention_days)})
+        report.retention_days = _execute(connection, "configured_retention").fetchone()[0]
         connection.commit()
     return report

@@ -136,6 +136,7 @@ def test_upgrade_downgrade_upgrade(empty_database_url):
         "memory_answer_patches",
         "adapters",
         "adapter_patches",
+        "icl_config",
         "icl_dynamics_layers",
         "icl_dynamics_layers_default",
         "icl_dynamics_layers_y2026m01",

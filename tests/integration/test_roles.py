@@ -69,7 +69,7 @@ def test_log_tables_an_earlier_version_gave_the_writer_are_given_back(database_u
 
 
 def test_the_writer_measures_and_keeps_partitions_but_changes_no_other_table(database_url, tmp_path):
-    ensure_roles(database_url)
+    ensure_roles(database_url, retention_days=90)
     writer_url = as_role(database_url, WRITER_ROLE)
     tiny = load_tiny(tmp_path / "tiny-llama", tmp_path / "models")
 
@@ -121,8 +121,15 @@ def test_the_writer_measures_and_keeps_partitions_but_changes_no_other_table(dat
         "CREATE INDEX ON prompts (status)",
         # the functions make only the log's monthly partitions, and drop only months older than the retention
         "SELECT icl_create_log_partition('prompts', '2030-01-01 00:00:00+00')",
-        f"SELECT icl_drop_log_partition('{partition_name('icl_dynamics_layers', this_month)}', 90)",
-        "SELECT icl_drop_log_partition('prompts', 90)",
+        f"SELECT icl_drop_log_partition('{partition_name('icl_dynamics_layers', this_month)}')",
+        "SELECT icl_drop_log_partition('prompts')",
+        # the retention is the schema owner's
+        "UPDATE icl_config SET retention_days = 0.001",
+        "INSERT INTO icl_config (id) VALUES (false)",
+        # partitions are read and written through their parents only
+        f"SELECT count(*) FROM {partition_name('icl_dynamics_layers', this_month)}",
+        "INSERT INTO icl_dynamics_tokens_default (run_id, token_position, token_text, segment, memory_id) "
+        "VALUES (1, '{1}', '{x}', '{context}', '{NULL}')",
     ]
     with psycopg.connect(writer_url, autocommit=True) as connection:
         for statement in denied:
