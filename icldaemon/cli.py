@@ -568,9 +568,13 @@ def cmd_roles(args, settings: Settings) -> int:
     names = {role: name for role, name in (("writer", args.writer), ("reader", args.reader),
                                            ("submitter", args.submitter)) if name}
     with database_url(settings) as url:
-        report = ensure_roles(url, **names)
+        report = ensure_roles(url, **names, retention_days=args.retention_days)
     print(f"writer role {report.writer}, read-only role {report.reader}, submitter role {report.submitter}: "
           "privileges granted")
+    if args.retention_days is not None:
+        print(f"retention of the log: {report.retention_days:g} days after a month ends")
+    if report.public_create_revoked:
+        print("revoked CREATE on schema public from PUBLIC (this database still granted it)")
     if report.created:
         print(f"created (the logins with no password yet): {', '.join(report.created)}")
     if report.tables_given_back:
@@ -731,6 +735,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "and memories (default icldaemon_reader; icldaemon_text_reader, granted to a login, adds it)")
     roles.add_argument("--submitter", help="the applications' role: submit prompts and memories, read the status of "
                        "their own prompts (default icldaemon_submitter)")
+    roles.add_argument("--retention-days", type=float, metavar="DAYS",
+                       help="the log's retention, which only the schema owner sets: a monthly partition is dropped "
+                       "this many days after its month ends (default: leave it as it is; a new database keeps all)")
     roles.set_defaults(handler=cmd_roles)
     return parser
 

@@ -88,8 +88,9 @@ class Settings(BaseSettings):
     )
     retention_days: PositiveFloat | None = Field(
         default=None,
-        description="Monthly partitions of icl_dynamics_log whose month ended longer ago are dropped. Unset: keep "
-        "everything.",
+        description="Apply the log's retention: monthly partitions of icl_dynamics_log whose month ended longer ago "
+        "are dropped. The retention is the schema owner's (`icldaemon roles --retention-days`); a daemon running as the "
+        "owner makes this its value, one running as another role keeps at least the owner's. Unset: drop nothing.",
     )
     answer_tokens: NonNegativeInt = Field(
         default=ANSWER_TOKENS,

@@ -220,3 +220,20 @@ def test_the_submitter_submits_and_follows_only_its_own_prompts(database_url):
         for statement in denied:
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 connection.execute(statement)
+
+
+def test_the_roles_command_sets_the_retention_and_refuses_one_that_is_not_a_positive_number(database_url, tmp_path):
+    environment = {**os.environ, "ICLD_DATABASE_URL": database_url, "ICLD_DATA_DIR": str(tmp_path),
+                   "ICLD_LOG_FORMAT": "json"}
+
+    def roles(*arguments: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "icldaemon", "roles", *arguments], env=environment,
+                              capture_output=True, text=True, timeout=120)
+
+    kept, refused, unchanged = roles("--retention-days", "45"), roles("--retention-days", "-1"), roles()
+
+    assert kept.returncode == unchanged.returncode == 0, kept.stderr + unchanged.stderr
+    assert "retention of the log: 45 days after a month ends" in kept.stdout
+    assert refused.returncode != 0 and "--retention-days must be a positive number of days, got -1" in refused.stderr
+    with psycopg.connect(database_url) as connection:
+        assert connection.execute("SELECT retention_days FROM icl_config").fetchone() == (45.0,)
