@@ -1,5 +1,5 @@
 """The command line: `icldaemon measure | migrate | db | run | submit | status | memories | runs | query |
-consolidate | adapters | generate | plot | roles`.
+consolidate | adapters | generate | export | plot | roles`.
 
 The only place errors become messages and exit codes.
 """
@@ -545,6 +545,50 @@ def cmd_generate(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_export(args, settings: Settings) -> int:
+    import time
+
+    from icldaemon.engine.merge import check_adapter_dir, check_merge_target
+    from icldaemon.store import adapters, queue
+    from icldaemon.store.database import database_url
+
+    # the target, the adapter and the model name are checked before torch is imported
+    out_dir = Path(args.merged)
+    check_merge_target(out_dir, "--merged")
+    with database_url(settings) as url, queue.connect(url) as connection:
+        row = adapters.adapter(connection, args.adapter)
+    described = f"adapter {row['id']} ({row['scope_key']} v{row['version']})"
+    if row["status"] != "accepted" and not args.allow_rejected:
+        reason = f" ({row['status_reason']})" if row["status_reason"] else ""
+        raise BadInputError(f"{described} was {row['status']} by the quality gate{reason}; --allow-rejected exports "
+                            "it anyway")
+    try:
+        check_adapter_dir(Path(row["path"]))
+    except BadInputError as exc:
+        raise BadInputError(f"{described}: {exc}") from None
+    _check_model_name(settings.model)
+
+    from icldaemon.engine.loading import load_configured_model
+    from icldaemon.engine.merge import merge_adapter
+
+    loaded = load_configured_model(settings)
+    if row["model"] != loaded.name:
+        raise BadInputError(f"{described} was fitted on {row['model']}; the loaded model is {loaded.name} "
+                            "(set ICLD_MODEL)")
+    if row["model_revision"] != loaded.revision:
+        raise BadInputError(f"{described} was fitted on the weights {row['model_revision'] or '(not recorded)'} of "
+                            f"{row['model']}; the loaded weights are {loaded.revision}, and its change is exact only "
+                            "for the weights it was fitted on")
+    started = time.perf_counter()
+    merge_adapter(loaded.model, Path(row["path"]), out_dir, loaded.tokenizer)
+    get_logger(model=loaded.name).info(
+        "adapter_merged", adapter_id=row["id"], scope_key=row["scope_key"], version=row["version"],
+        status=row["status"], model_revision=loaded.revision, path=str(out_dir),
+        seconds=round(time.perf_counter() - started, 2))
+    print(out_dir)
+    return 0
+
+
 def cmd_plot(args, settings: Settings) -> int:
     require("matplotlib")
     from icldaemon.plots import plot_run
@@ -722,6 +766,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=_at_least_one, default=32,
                           help="greedy tokens to generate (default 32)")
     generate.set_defaults(handler=cmd_generate)
+
+    export = commands.add_parser(
+        "export", help="write the model with an adapter merged into its weights: a plain transformers checkpoint",
+        description="Merge an adapter version into the weights of the model it was fitted on (ICLD_MODEL, the same "
+                    "weights revision) and write the result as a plain transformers checkpoint (safetensors, config, "
+                    "tokenizer) that loads without PEFT, for serving stacks that take no LoRA. The directory is "
+                    "written under a temporary name and renamed into place.")
+    export.add_argument("--adapter", type=int, required=True, help="adapters.id (see `icldaemon adapters`)")
+    export.add_argument("--merged", required=True, metavar="DIR", help="a new (or empty) directory to write")
+    export.add_argument("--allow-rejected", action="store_true",
+                        help="export a version the quality gate rejected (default: accepted versions only)")
+    export.set_defaults(handler=cmd_export)
 
     plot = commands.add_parser("plot", help="draw a measured run from the database: per-token curves and a heatmap")
     plot.add_argument("run_id", type=int, help="measurement_runs.id")

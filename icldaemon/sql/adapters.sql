@@ -119,8 +119,8 @@ ORDER BY created_at DESC, id DESC
 LIMIT %(limit)s;
 
 -- name: adapter_by_id --
--- One adapter version: where it is, what it covers, its status.
-SELECT id, scope, scope_key, memory_id, model, model_revision, version, method, status, path
+-- One adapter version: where it is, what it covers, the weights it was fitted on, its status and why.
+SELECT id, scope, scope_key, memory_id, model, model_revision, version, method, status, status_reason, path
 FROM adapters
 WHERE id = %(adapter_id)s;
 
