@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from icldaemon.data import load_facts, load_generic, load_neutral
-from icldaemon.engine import answers, edit_figures
+from icldaemon.engine import answers, edit_figures, generic_cache
 from icldaemon.engine.loading import load_model
 from icldaemon.engine.prompt import Memory, build_prompt
 from icldaemon.settings import load_settings
@@ -162,7 +162,8 @@ def run(facts: int | None = None, distil_facts: int | range = 1, rank: int = ans
     distil_facts = range(distil_facts) if isinstance(distil_facts, int) else distil_facts
     if not 1 <= folds <= FOLDS:
         raise SystemExit(f"--folds must be between 1 and {FOLDS}, got {folds}")
-    loaded = load_model(None, models_dir=load_settings().models_dir, device="cpu", dtype="float32")
+    settings = load_settings()
+    loaded = load_model(None, models_dir=settings.models_dir, device="cpu", dtype="float32")
     all_facts = load_facts()
     chosen = all_facts if facts is None else all_facts[:facts]
     bench = Bench(loaded, all_facts)
@@ -170,8 +171,9 @@ def run(facts: int | None = None, distil_facts: int | range = 1, rank: int = ans
     neutral_prompts = [build_prompt(loaded.tokenizer, messages=chat).input_ids for chat in load_neutral()]
     baseline = edit_figures.neutral_baseline(loaded.model, neutral_prompts, stop_ids=bench.stop)
     generic_prompts = [build_prompt(loaded.tokenizer, messages=chat).input_ids for chat in load_generic(generic_file)]
-    generic = answers.generic_keys(loaded.model, generic_prompts, generic_positions,
-                                   answer_tokens=answers.ANSWER_TOKENS, stop_ids=bench.stop)
+    generic = generic_cache.cached_generic_keys(loaded.model, generic_prompts,
+                                                settings.data_dir / generic_cache.GENERIC_KEYS_DIR, generic_positions,
+                                                answer_tokens=answers.ANSWER_TOKENS, stop_ids=bench.stop)
     progress(f"  neutral baseline ({len(neutral_prompts)} prompts) and the preservation term's keys "
              f"({len(generic_prompts)} other prompts): {time.perf_counter() - started:.0f} s")
     per_fact, adapters, held = {}, {}, {}

@@ -31,7 +31,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from icldaemon.assembly import assemble_prompt
 from icldaemon.data import load_generic, load_neutral
-from icldaemon.engine import answers, edit_figures
+from icldaemon.engine import answers, edit_figures, generic_cache
 from icldaemon.engine.adapters import adapter_for
 from icldaemon.engine.loading import LoadedModel
 from icldaemon.engine.prompt import build_prompt
@@ -214,8 +214,10 @@ def _question(messages: list | None, text: str | None) -> str:
 
 
 class Consolidator:
-    def __init__(self, url: str, loaded: LoadedModel, adapters_dir: Path):
+    def __init__(self, url: str, loaded: LoadedModel, adapters_dir: Path, generic_keys_dir: Path | None = None):
         self.url, self.loaded, self.adapters_dir = url, loaded, adapters_dir
+        # beside the adapters in the data directory (Settings.adapters_dir is <data_dir>/adapters)
+        self.generic_keys_dir = generic_keys_dir or Path(adapters_dir).parent / generic_cache.GENERIC_KEYS_DIR
         self.adapter = adapter_for(loaded.model)
         self.num_layers = self.adapter.num_layers(loaded.model)
         self.d_model = loaded.model.config.hidden_size
@@ -235,13 +237,15 @@ class Consolidator:
         return prompts
 
     def generic(self) -> list[np.ndarray]:
-        """The shipped generic prompts' keys, for the fit's preservation term; computed once."""
+        """The shipped generic prompts' keys, for the fit's preservation term; computed once per model weights and
+        kept in the data directory (engine/generic_cache.py)."""
         if self._generic is None:
             prompts = self._chat_prompts(load_generic())
             self.log.info("preservation_keys_started", prompts=len(prompts))
             started = time.perf_counter()
-            self._generic = answers.generic_keys(self.loaded.model, prompts, adapter=self.adapter,
-                                                 answer_tokens=answers.ANSWER_TOKENS, stop_ids=self.stop)
+            self._generic = generic_cache.cached_generic_keys(
+                self.loaded.model, prompts, self.generic_keys_dir, adapter=self.adapter,
+                answer_tokens=answers.ANSWER_TOKENS, stop_ids=self.stop)
             self.log.info("preservation_keys_computed", prompts=len(prompts), rows=len(self._generic[0]),
                           seconds=round(time.perf_counter() - started, 3))
         return self._generic

@@ -79,6 +79,8 @@ def test_a_memory_becomes_a_listed_adapter_checked_like_an_edit(database_url, ti
     record = records[0]
     assert (record.scope_key, record.version, record.patch_count, record.held_out_count) == (f"memory:{fact_id}", 1, 4, 2)
     assert sorted(path.name for path in record.path.parent.iterdir()) == ["v1"]  # no temporary directory left
+    # the preservation term's keys, kept beside the adapters for the next consolidation (test_generic_cache.py)
+    assert len(list((tmp_path / "generic-keys").glob("*.safetensors"))) == 1
     with psycopg.connect(database_url) as connection:
         row = connection.execute("SELECT path, rank, memory_id, method, status, status_reason, neutral_prompts, "
                                  "neutral_kl, neutral_next_token_unchanged FROM adapters").fetchone()
