@@ -46,7 +46,9 @@ METHOD = "down_projection"  # the exact patches fitted (docs/method.md §7)
 DISTILLATION = "distillation"  # context distillation by gradient steps, the baseline (engine/distillation.py)
 METHODS = (METHOD, DISTILLATION)
 MIN_PATCHES = 8  # new retrievals a group needs before a new adapter version is fitted
-HELD_OUT = 0.25  # share of a group's retrievals (the newest) kept out of the fit to check the adapter
+HELD_OUT = 0.25  # share of a group's retrievals (the newest of each kind) kept out of the fit to check the adapter
+GROUP_ENERGY = 0.9  # a group adapter's rank: the smallest that keeps this share of every layer's fitted delta
+MAX_ABS_LOG_PROB_ERROR = 1e-3  # a group target whose own check misses by more is logged (answer tokens' log-probs)
 INTERVAL_MINUTES = 60.0  # minutes between scheduled consolidations
 # the quality gate
 MIN_ANSWER_SHARE = 0.5  # adapter answer rate at least this share of the with-memory rate on held-out questions
@@ -207,6 +209,17 @@ def _finite_or_none(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
+def stratified_split(kinds, share: float, order) -> tuple[list, list]:
+    """(fit, held out) of items in kinds (each a list, oldest first): of each kind the newest `share`, at least
+    one where the kind has two or more and never all of it; both lists in `order`."""
+    fit, held_out = [], []
+    for members in kinds:
+        held = 0 if len(members) < 2 else min(len(members) - 1, max(1, round(share * len(members))))
+        fit.extend(members[: len(members) - held])
+        held_out.extend(members[len(members) - held :])
+    return sorted(fit, key=order), sorted(held_out, key=order)
+
+
 def _question(messages: list | None, text: str | None) -> str:
     if text is not None:
         return text
@@ -284,9 +297,11 @@ class Consolidator:
 
     # --- one group
 
-    def _rebuilt(self, connection: queue.Connection, patch: store.StoredAnswerPatch, event: str):
-        """The retrieval's prompt as it was measured and its token ids without the memory, its source and its
-        retrievals; None (logged) where it can no longer be rebuilt."""
+    def _rebuilt(self, connection: queue.Connection, patch: store.StoredAnswerPatch, event: str,
+                 group: bool = False):
+        """The retrieval's prompt as it was measured and its token ids without the memory (`group`: without
+        every memory it holds, which are all of the group's), its source and its retrievals; None (logged)
+        where it can no longer be rebuilt."""
         messages, text = store.prompt_source(connection, patch.prompt_id)
         retrievals = queue.retrievals(connection, patch.prompt_id)
         try:
@@ -296,32 +311,35 @@ class Consolidator:
             self.log.warning(event, run_id=patch.run_id, error=str(exc))
             return None
         label = f"memory:{patch.memory_id}"
-        if label not in {segment.label for segment in prompt.segments}:
+        labels = {segment.label for segment in prompt.segments}
+        if label not in labels:
             self.log.warning(event, run_id=patch.run_id, error=f"{label} is not in the prompt")
             return None
-        return prompt, prompt.without({label}), messages, text, retrievals
+        removed = {name for name in labels if name.startswith("memory:")} if group else {label}
+        return prompt, prompt.without(removed), messages, text, retrievals
 
     def _refine_examples(self, connection: queue.Connection, fit: list[store.StoredAnswerPatch],
-                         event: str = "refinement_skipped") -> list[answers.RefineExample]:
-        """The fitted retrievals as the model runs them, with and without the memory (each rebuilt from the
-        database; one that cannot be is logged as `event` and left out)."""
+                         event: str = "refinement_skipped", group: bool = False) -> list[answers.RefineExample]:
+        """The fitted retrievals as the model runs them, with and without the memory (`group`: without all of
+        the group's); each rebuilt from the database, one that cannot be is logged as `event` and left out."""
         examples = []
         for patch in fit:
-            rebuilt = self._rebuilt(connection, patch, event)
+            rebuilt = self._rebuilt(connection, patch, event, group)
             if rebuilt is not None:
                 prompt, without_ids, *_source = rebuilt
                 examples.append(answers.RefineExample(prompt.input_ids, without_ids, patch.answer_ids))
         return examples
 
-    def _held_out(self, connection: queue.Connection, held_out: list[store.StoredAnswerPatch]) -> _HeldOut:
+    def _held_out(self, connection: queue.Connection, held_out: list[store.StoredAnswerPatch],
+                  group: bool = False) -> _HeldOut:
         decode = lambda ids: self.loaded.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         relevant, irrelevant, all_words = [], [], set()
         for patch in held_out:
-            rebuilt = self._rebuilt(connection, patch, "held_out_skipped")
+            rebuilt = self._rebuilt(connection, patch, "held_out_skipped", group)
             if rebuilt is None:
                 continue
             prompt, without_ids, messages, text, retrievals = rebuilt
-            content = next(r.content for r in retrievals if r.memory_id == patch.memory_id) or ""
+            content = self._content(patch, retrievals, group)
             without_answer = answers.greedy_answer(self.loaded.model, without_ids, len(patch.answer_ids), self.stop)
             words = edit_figures.fact_words(content, decode(patch.answer_ids), question=_question(messages, text),
                                             without_answer=decode(without_answer))
@@ -333,24 +351,87 @@ class Consolidator:
                 irrelevant.append(without_ids)
         return _HeldOut(relevant, irrelevant, frozenset(all_words))
 
+    @staticmethod
+    def _content(patch: store.StoredAnswerPatch, retrievals: list[queue.Retrieval], group: bool) -> str:
+        """What the memory said (`group`: what all of the prompt's memories said)."""
+        if group:
+            return "\n".join(r.content or "" for r in retrievals)
+        return next(r.content for r in retrievals if r.memory_id == patch.memory_id) or ""
+
+    def _split(self, connection: queue.Connection, patches: list[store.StoredAnswerPatch], share: float,
+               group: bool) -> tuple[list[store.StoredAnswerPatch], list[store.StoredAnswerPatch]]:
+        """(fit, held out): the newest `share` of the relevant retrievals and of the irrelevant ones, each kind
+        apart, so that a kind with two or more retrievals is always checked, and never only one kind.
+
+        Relevant: the stored with-memory answer says a content word of the memory that the question does
+        not (the held-out check later also compares with the answer without the memory).
+        """
+        decode = lambda ids: self.loaded.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        kinds: dict[bool, list[store.StoredAnswerPatch]] = {True: [], False: []}
+        for patch in patches:
+            messages, text = store.prompt_source(connection, patch.prompt_id)
+            content = self._content(patch, queue.retrievals(connection, patch.prompt_id), group)
+            kinds[bool(edit_figures.fact_words(content, decode(patch.answer_ids),
+                                               question=_question(messages, text)))].append(patch)
+        return stratified_split(kinds.values(), share, order=lambda patch: (patch.run_id, patch.memory_id))
+
+    def _group_targets(self, connection: queue.Connection, fit: list[store.StoredAnswerPatch], log
+                       ) -> tuple[list[np.ndarray], list[np.ndarray], list[answers.RefineExample]]:
+        """Per layer the keys and values of the exact patches of removing all of the group's memories that each
+        fitted retrieval's prompt holds, at its answer positions: what the adapted model, which sees none of
+        them, must make up for. Computed here from the rebuilt prompts (two teacher-forced passes each), each
+        checked by its own patched run."""
+        examples = self._refine_examples(connection, fit, "group_target_skipped", group=True)
+        if not examples:
+            raise ConsolidationError(f"none of the {len(fit)} fitted retrievals' prompts can be rebuilt")
+        targets = [answers.answer_patch(self.loaded.model, example.with_ids, example.without_ids, example.answer_ids,
+                                        self.adapter) for example in examples]
+        worst = max(target.max_abs_log_prob_error for target in targets)
+        if worst > MAX_ABS_LOG_PROB_ERROR:
+            log.warning("group_target_inexact", max_abs_log_prob_error=worst, limit=MAX_ABS_LOG_PROB_ERROR)
+        keys = [np.concatenate([target.key[layer_idx] for target in targets]) for layer_idx in range(self.num_layers)]
+        values = [np.concatenate([target.value[layer_idx] for target in targets])
+                  for layer_idx in range(self.num_layers)]
+        log.info("group_targets_computed", retrievals=len(examples), max_abs_log_prob_error=worst)
+        return keys, values, examples
+
     def _fitted(self, connection: queue.Connection, fit: list[store.StoredAnswerPatch], request: ConsolidationRequest,
-                generic: list[np.ndarray]) -> tuple[answers.DownProjectionPatch, dict]:
-        """The exact patches fitted; with the parameters the version records."""
-        a_tilde = np.concatenate([patch.a_tilde for patch in fit], axis=1)  # [num_layers, pairs, d_model]
-        keys = answers.keys_from_inputs(self.loaded.model, a_tilde, self.adapter)
-        values = [np.concatenate([patch.value[layer_idx] for patch in fit]) for layer_idx in range(self.num_layers)]
-        examples = self._refine_examples(connection, fit) if request.refinements or request.focus else []
+                generic: list[np.ndarray], log=None) -> tuple[answers.DownProjectionPatch, dict]:
+        """The exact patches fitted; with the parameters the version records.
+
+        One memory: its stored patches (float16). A group: the patches of removing all of its memories,
+        computed from the rebuilt prompts, one per fitted prompt, at a rank chosen by retained energy (at most
+        `request.rank` per memory of the group).
+        """
+        group = request.scope != "memory"
+        energy, rank = None, request.rank
+        if group:
+            fit = list({patch.run_id: patch for patch in reversed(fit)}.values())[::-1]  # one row set per prompt
+            keys, values, examples = self._group_targets(connection, fit, log or self.log)
+            memories = len({r.memory_id for p in fit for r in queue.retrievals(connection, p.prompt_id)})
+            energy, rank = GROUP_ENERGY, request.rank * max(1, memories)
+            row_weights_line_up = True
+        else:
+            a_tilde = np.concatenate([patch.a_tilde for patch in fit], axis=1)  # [num_layers, pairs, d_model]
+            keys = answers.keys_from_inputs(self.loaded.model, a_tilde, self.adapter)
+            values = [np.concatenate([patch.value[layer_idx] for patch in fit])
+                      for layer_idx in range(self.num_layers)]
+            examples = self._refine_examples(connection, fit) if request.refinements or request.focus else []
+            row_weights_line_up = len(examples) == len(fit)
         weights = answers.answer_weights(self.loaded.model, examples, request.focus) if examples else None
         # the exact patches' rows are weighted where every fitted retrieval could be rebuilt (their rows line up)
-        row_weights = np.concatenate(weights) if weights and len(examples) == len(fit) else None
-        patch = answers.fit_down_projection(keys, values, generic, rank=request.rank, ridge=request.ridge,
-                                            preservation=request.preservation, weights=row_weights)
+        row_weights = np.concatenate(weights) if weights and row_weights_line_up else None
+        patch = answers.fit_down_projection(keys, values, generic, rank=rank, ridge=request.ridge,
+                                            preservation=request.preservation, weights=row_weights, energy=energy)
         if request.refinements:
             patch = answers.refine(self.loaded.model, patch, keys, values, examples, generic, ridge=request.ridge,
                                    preservation=request.preservation, refinements=request.refinements,
                                    adapter=self.adapter, weights=weights, key_weights=row_weights)
         return patch, {"ridge": request.ridge, "preservation": request.preservation, "focus": request.focus,
-                       "refinements": request.refinements}
+                       "refinements": request.refinements, "energy": energy,
+                       "retained_energy": None if patch.retained_energy is None else
+                       [round(share, 6) for share in patch.retained_energy],
+                       "target": "all of the group's memories removed" if group else "the memory removed"}
 
     def _distilled(self, connection: queue.Connection, fit: list[store.StoredAnswerPatch],
                    request: ConsolidationRequest, log) -> tuple[answers.DownProjectionPatch, dict]:
@@ -361,7 +442,8 @@ class Consolidator:
         from icldaemon.engine.distillation import LEARNING_RATE, STEPS, DistillationExample, distil
 
         examples = [DistillationExample(example.with_ids, example.without_ids, example.answer_ids)
-                    for example in self._refine_examples(connection, fit, "distillation_skipped")]
+                    for example in self._refine_examples(connection, fit, "distillation_skipped",
+                                                         group=request.scope != "memory")]
         if not examples:
             raise ConsolidationError(f"none of the {len(fit)} fitted retrievals' prompts can be rebuilt to distil on")
         every = max(1, STEPS // 10)
@@ -380,11 +462,14 @@ class Consolidator:
         patches = store.answer_patches(connection, self.key, scope=request.scope, scope_key=scope_key,
                                        num_layers=self.num_layers, d_model=self.d_model)
         count = len(patches)
-        held_count = max(1, round(request.held_out * count))
-        if count - held_count < 1:
+        if count < 2:
             raise BadInputError(f"{scope_key} has {count} retrieval(s); at least 2 are needed (one to fit, one held "
                                 "out)")
-        fit, held_out = patches[: count - held_count], patches[count - held_count :]
+        group = request.scope != "memory"
+        fit, held_out = self._split(connection, patches, request.held_out, group)
+        if not held_out:  # two retrievals of different kinds: the newer is checked
+            fit, held_out = patches[:-1], patches[-1:]
+        held_count = len(held_out)
         log = self.log.bind(scope_key=scope_key, patches=count, held_out=held_count)
         log.info("consolidation_started")
         baseline = self.baseline()
@@ -394,15 +479,19 @@ class Consolidator:
         if request.method == DISTILLATION:
             patch, fit_parameters = self._distilled(connection, fit, request, log)
         else:
-            patch, fit_parameters = self._fitted(connection, fit, request, generic)
+            patch, fit_parameters = self._fitted(connection, fit, request, generic, log)
         fit_seconds = time.perf_counter() - started
         log.info("adapter_fitted", method=request.method, pairs=patch.pairs, seconds=round(fit_seconds, 3))
-        if patch.rank < request.rank:
+        if fit_parameters.get("energy") is not None:
+            log.info("group_rank_chosen", rank=patch.rank, energy=fit_parameters["energy"],
+                     least_retained=min(patch.retained_energy))
+        elif patch.rank < request.rank:
             reason = (f"only {patch.pairs} (retrieval, answer position) pairs to fit, from {len(fit)} retrieval(s)"
                       if patch.pairs < request.rank else f"the model's width is {self.d_model}")
             log.warning("rank_lowered", requested_rank=request.rank, rank=patch.rank, reason=reason)
 
-        checks = self._held_out(connection, held_out)
+        checks = self._held_out(connection, list({p.run_id: p for p in held_out}.values()) if group else held_out,
+                                group)
         level = (edit_figures.answer_figures(self.loaded.model, self.loaded.tokenizer, patch, checks.examples,
                                              stop_ids=self.stop) if checks.examples else None)
         neutral = edit_figures.specificity(self.loaded.model, patch, baseline, stop_ids=self.stop)

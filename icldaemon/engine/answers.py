@@ -24,6 +24,7 @@ keys to zero, truncated to rank r by SVD: a LoRA on the down projection without 
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -398,6 +399,8 @@ class DownProjectionPatch:
     ridge: float
     preservation: float
     pairs: int  # (retrieval, answer position) pairs fitted
+    # per layer the share of the fitted delta's squared Frobenius norm that the kept rank holds
+    retained_energy: tuple[float, ...] | None = None
 
     @property
     def rank(self) -> int:
@@ -418,7 +421,8 @@ class DownProjectionPatch:
 
 def fit_down_projection(keys: Sequence[np.ndarray], values: Sequence[np.ndarray],
                         generic: Sequence[np.ndarray] | None = None, *, rank: int = RANK, ridge: float = RIDGE,
-                        preservation: float = PRESERVATION, weights: np.ndarray | None = None) -> DownProjectionPatch:
+                        preservation: float = PRESERVATION, weights: np.ndarray | None = None,
+                        energy: float | None = None) -> DownProjectionPatch:
     """Per layer, min_D sum_i ||D k_i - v_i||^2 + mu sum_n ||D g_n||^2 + lambda ||D||^2, truncated to `rank`.
 
     keys [N, d_ff] and values [N, d_model] per layer; generic keys [M, d_ff] per layer, each weighted
@@ -426,6 +430,10 @@ def fit_down_projection(keys: Sequence[np.ndarray], values: Sequence[np.ndarray]
     lambda = ridge * the mean ||k||^2 of the fit rows. `weights` [N], where given, weigh the fit rows'
     squared errors (normalised to a mean of 1, so that the generic rows and the ridge weigh as much as
     without them). Solved in the dual (N + M square) or primal (d_ff square) form, whichever is smaller.
+
+    `energy`, where given, chooses the rank: the smallest that keeps at least that share of every layer's
+    squared Frobenius norm, at most `rank` (one rank for every layer, as PEFT's adapter has). The share
+    each layer keeps is recorded in `retained_energy` either way.
     """
     if rank < 1:
         raise BadInputError(f"rank must be at least 1, got {rank}")
@@ -433,6 +441,8 @@ def fit_down_projection(keys: Sequence[np.ndarray], values: Sequence[np.ndarray]
         raise BadInputError(f"ridge must be positive, got {ridge}")
     if preservation < 0:
         raise BadInputError(f"preservation must not be negative, got {preservation}")
+    if energy is not None and not 0 < energy <= 1:
+        raise BadInputError(f"energy must be a share between 0 and 1, got {energy}")
     num_layers = len(keys)
     if num_layers == 0 or len(values) != num_layers or (generic is not None and len(generic) != num_layers):
         raise BadInputError("keys, values and generic keys must be given for the same layers")
@@ -445,9 +455,7 @@ def fit_down_projection(keys: Sequence[np.ndarray], values: Sequence[np.ndarray]
         if weights.shape != (count,) or not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
             raise BadInputError(f"weights must be {count} finite non-negative numbers, not all 0, one per fit row")
         scale = torch.as_tensor(np.sqrt(weights / weights.mean()))[:, None]
-    kept = min(rank, count, d_model)
-    lora_A = np.zeros((num_layers, kept, d_ff))
-    lora_B = np.zeros((num_layers, d_model, kept))
+    decompositions = []
     for layer_idx in range(num_layers):
         fit_keys = torch.as_tensor(np.asarray(keys[layer_idx]), dtype=torch.float64)
         fit_values = torch.as_tensor(np.asarray(values[layer_idx]), dtype=torch.float64)
@@ -472,9 +480,21 @@ def fit_down_projection(keys: Sequence[np.ndarray], values: Sequence[np.ndarray]
         # torch's SVD rather than numpy's: numpy's LAPACK (gesdd) failed to converge on a well-conditioned
         # delta of the bundled model (layer 12 of one benchmark fold) that torch decomposes
         left, singular, right = torch.linalg.svd(delta, full_matrices=False)
+        cap = min(rank, count, d_model)  # no more is ever kept
+        decompositions.append((left[:, :cap], singular, right[:cap]))
+    shares = [torch.cumsum(singular**2, 0) / max(float((singular**2).sum()), 1e-300)
+              for _left, singular, _right in decompositions]  # per layer, the share kept by each rank
+    kept = min(rank, count, d_model)
+    if energy is not None:
+        kept = min(kept, max(int(torch.searchsorted(share, energy - 1e-12)) + 1 for share in shares))
+    lora_A = np.zeros((num_layers, kept, d_ff))
+    lora_B = np.zeros((num_layers, d_model, kept))
+    for layer_idx, (left, singular, right) in enumerate(decompositions):
         lora_B[layer_idx] = (left[:, :kept] * singular[:kept]).numpy()
         lora_A[layer_idx] = right[:kept].numpy()
-    return DownProjectionPatch(lora_A=lora_A, lora_B=lora_B, ridge=ridge, preservation=preservation, pairs=count)
+    retained = tuple(float(share[kept - 1]) for share in shares)
+    return DownProjectionPatch(lora_A=lora_A, lora_B=lora_B, ridge=ridge, preservation=preservation, pairs=count,
+                               retained_energy=retained)
 
 
 def fit_answer_patches(patches: Sequence[AnswerPatch], generic: Sequence[np.ndarray] | None = None, *,
@@ -692,3 +712,27 @@ def export_lora(model: PreTrainedModel, patch: DownProjectionPatch, directory: P
         os.fsync(weights.fileno())
     (directory / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2, sort_keys=True) + "\n")
     return directory
+
+
+def load_lora(directory: Path | str) -> DownProjectionPatch:
+    """The patch an adapter directory written by `export_lora` holds: what PEFT loads from it, read back.
+
+    Its layers in order; the recorded ridge and preservation from its metadata (0 where it has none).
+    """
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    try:
+        tensors = load_file(str(directory / ADAPTER_WEIGHTS_FILE))
+        metadata = json.loads((directory / METADATA_FILE).read_text()) if (directory / METADATA_FILE).exists() else {}
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{directory} is not a readable adapter directory: {exc}") from exc
+    layer_of = lambda name: int(re.search(r"\.(\d+)\.", name).group(1))  # noqa: E731  the block's index
+    names = sorted((name for name in tensors if name.endswith("lora_A.weight")), key=layer_of)
+    if not names:
+        raise BadInputError(f"{directory} holds no LoRA weights")
+    lora_A = np.stack([tensors[name].astype(np.float64) for name in names])
+    lora_B = np.stack([tensors[name.replace("lora_A", "lora_B")].astype(np.float64) for name in names])
+    return DownProjectionPatch(lora_A=lora_A, lora_B=lora_B, ridge=float(metadata.get("ridge") or 0.0),
+                               preservation=float(metadata.get("preservation") or 0.0),
+                               pairs=int(metadata.get("pairs") or 0))

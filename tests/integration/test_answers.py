@@ -431,3 +431,44 @@ def test_generic_keys_refuse_an_empty_sample_by_name(sample):
     with pytest.raises(BadInputError, match="need a position after the first .*: got 2 prompts of at most 1 tokens"):
         sample(model, [[5], []], limit=10)
     assert len(sample(model, generic, limit=1)[0]) == 1  # the smallest sample still has its row
+
+
+def test_the_rank_chosen_by_energy_is_the_smallest_that_keeps_the_share_in_every_layer(tmp_path):
+    generator = np.random.default_rng(3)
+    keys = [generator.normal(size=(40, 24)) for _ in range(3)]
+    # each layer's values of a known rank, so that the fitted deltas' spectra differ by layer
+    values = [generator.normal(size=(40, rank)) @ generator.normal(size=(rank, 12)) for rank in (2, 5, 3)]
+
+    full = answers.fit_down_projection(keys, values, rank=12, ridge=0.01, preservation=0.0)
+    chosen = answers.fit_down_projection(keys, values, rank=12, ridge=0.01, preservation=0.0, energy=0.95)
+
+    shares = []
+    for layer_idx in range(3):  # the test's own SVD of each layer's full-rank delta
+        delta = full.lora_B[layer_idx] @ full.lora_A[layer_idx]
+        singular = np.linalg.svd(delta, compute_uv=False)
+        shares.append(np.cumsum(singular**2) / np.sum(singular**2))
+    expected = max(int(np.searchsorted(share, 0.95)) + 1 for share in shares)
+    assert chosen.rank == expected
+    assert chosen.retained_energy == pytest.approx([share[expected - 1] for share in shares], abs=1e-9)
+    assert min(chosen.retained_energy) >= 0.95
+    assert expected == 1 or any(share[expected - 2] < 0.95 for share in shares)  # one less would not do
+    assert 1 < expected < 5  # the layers' own ranks made the choice non-trivial
+
+
+def test_an_exported_adapter_reads_back_as_the_patch_it_holds(tmp_path):
+    model = tiny_model("llama")
+    generator = np.random.default_rng(5)
+    num_layers, d_ff, d_model = model.config.num_hidden_layers, model.config.intermediate_size, model.config.hidden_size
+    patch = answers.DownProjectionPatch(lora_A=generator.normal(size=(num_layers, 3, d_ff)),
+                                        lora_B=generator.normal(size=(num_layers, d_model, 3)), ridge=0.1,
+                                        preservation=2.0, pairs=7)
+
+    answers.export_lora(model, patch, tmp_path / "adapter", base_model="tiny",
+                        metadata={"ridge": 0.1, "preservation": 2.0})
+    read = answers.load_lora(tmp_path / "adapter")
+
+    assert read.lora_A == pytest.approx(patch.lora_A.astype(np.float32), abs=0)
+    assert read.lora_B == pytest.approx(patch.lora_B.astype(np.float32), abs=0)
+    assert (read.ridge, read.preservation) == (0.1, 2.0)
+    with pytest.raises(BadInputError, match="not a readable adapter directory"):
+        answers.load_lora(tmp_path / "nowhere")
