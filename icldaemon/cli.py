@@ -1,5 +1,5 @@
 """The command line: `icldaemon measure | migrate | db | run | submit | status | memories | runs | query |
-consolidate | adapters | generate | export | plot | roles`.
+learn | consolidate | adapters | generate | export | plot | roles`.
 
 The only place errors become messages and exit codes.
 """
@@ -425,6 +425,48 @@ def cmd_query(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_learn(args, settings: Settings) -> int:
+    from icldaemon import learn
+    from icldaemon.store import queue
+    from icldaemon.store.database import database_url
+    from icldaemon.store.migrate import require_head
+
+    if args.consolidate and settings.answer_tokens == 0:
+        raise BadInputError("--consolidate fits the answer patches, and ICLD_ANSWER_TOKENS=0 records none")
+    with database_url(settings) as url:
+        require_head(url)
+        if args.consolidate:  # before anything is queued: a model that cannot load leaves no questions behind
+            _check_model_name(settings.model)
+        with queue.connect(url) as connection:
+            earlier = learn.earlier_prompts(connection, args.memory_id)
+        prompt_ids = learn.learn_memory(url, args.memory_id, args.questions)
+        print("\n".join(map(str, prompt_ids)))
+        session = learn.session_id(args.memory_id)
+        print(f"memory {args.memory_id}: {len(prompt_ids)} questions queued in session {session}"
+              + (f" (learned before: {earlier} earlier prompts in it)" if earlier else ""), file=sys.stderr)
+        if not args.consolidate:
+            return 0
+
+        from icldaemon.consolidate import ConsolidationRequest, ConsolidationSettings, Consolidator, describe
+        from icldaemon.engine.loading import check_measurable, load_configured_model
+        from icldaemon.service import Service
+
+        loaded = load_configured_model(settings)
+        get_logger().info("model_checked", model=loaded.name, max_abs_logit_error=check_measurable(loaded))
+        # the queue drained as `icldaemon run --once` does, with whatever else was queued
+        counts = Service.from_settings(url, loaded, settings).run_once()
+        print(", ".join(f"{count} {status}" for status, count in sorted(counts.items())) or "nothing to do",
+              file=sys.stderr)
+        consolidation = ConsolidationSettings()
+        # the questions just measured are enough for a version, however high min_patches is set
+        request = ConsolidationRequest.from_settings(consolidation, scope="memory", memory_id=args.memory_id,
+                                                     min_patches=min(consolidation.min_patches, len(prompt_ids)))
+        records = Consolidator(url, loaded, settings.adapters_dir).run(request)
+    for record in records:
+        print(describe(record))
+    return 0
+
+
 def cmd_consolidate(args, settings: Settings) -> int:
     from icldaemon.store.database import database_url
     from icldaemon.store.migrate import require_head
@@ -478,7 +520,7 @@ def cmd_adapters(args, settings: Settings) -> int:
     def nats(value):
         return "      -" if value is None else f"{value:7.4f}"
 
-    print(f"{'id':>5}  {'scope':<20} {'v':>3} {'status':<9} {'rank':>4} {'fit':>4} {'held':>4}  "
+    print(f"{'id':>5}  {'scope':<20} {'v':>3} {'status':<9} {'mem':>4} {'rank':>4} {'fit':>4} {'held':>4}  "
           f"{'with':>5} {'w/o':>5} {'LoRA':>5}  {'neutral':>7} {'kept':>5} {'leak':>5}  path")
     for row in rows:
         status = row["status"] + ("*" if row["current"] else "")
@@ -488,11 +530,13 @@ def cmd_adapters(args, settings: Settings) -> int:
             figures = (f"{share(row['with_memory_rate'])} {share(row['without_memory_rate'])} "
                        f"{share(row['adapter_rate'])}  {nats(row['neutral_kl'])} "
                        f"{share(row['neutral_next_token_unchanged'])} {share(row['leak_rate'])}")
-        print(f"{row['id']:>5}  {row['scope_key']:<20} {row['version']:>3} {status:<9} {row['rank']:>4} "
+        print(f"{row['id']:>5}  {row['scope_key']:<20} {row['version']:>3} {status:<9} {row['memories']:>4} "
+              f"{row['rank']:>4} "
               f"{row['patch_count']:>4} {row['held_out_count']:>4}  {figures}  {row['path']}")
         if row["status_reason"]:
             print(f"{'':>7}rejected: {row['status_reason']}")
-    print("with / w/o / LoRA: held-out answers naming the memory's fact with the memory in context, without it, without "
+    print("mem: the memories the version was fitted on; rank: for a group, the smallest keeping 90% of every layer's fit; "
+          "with / w/o / LoRA: held-out answers naming the memory's fact with the memory in context, without it, without "
           "it but with the adapter; neutral: mean KL(base || adapted) at the next token of the shipped neutral prompts, "
           "nats; kept: their greedy next token unchanged; leak: irrelevant held-out questions answered with the fact; "
           "*: the current version (the newest accepted)")
@@ -721,6 +765,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a variable of the query, as psql's -v takes it (repeat for each)")
     query.add_argument("--csv", action="store_true", help="CSV with a header row instead of a table")
     query.set_defaults(handler=cmd_query)
+
+    learn = commands.add_parser(
+        "learn", help="queue questions about a memory, to consolidate it before anyone asks; prints the prompt ids",
+        description="Queue chats that ask about one memory (direct, terse, indirect and task questions written from "
+                    "templates over its key, none holding its content's words), each retrieving it at rank 1 and up "
+                    "to two other memories of its submitter at ranks 2-3, in the memory's own learn session. With "
+                    "--consolidate, also measure the queue (as `run --once`) and fit the memory's adapter (as "
+                    "`consolidate --memory-id`).")
+    learn.add_argument("--memory-id", type=int, required=True, help="the memory to learn (memories.id)")
+    learn.add_argument("--questions", type=_whole_number_at_least(2), default=16,
+                       help="how many questions to queue, at most the number of templates (default 16)")
+    learn.add_argument("--consolidate", action="store_true",
+                       help="then measure the queued prompts and consolidate the memory into an adapter")
+    learn.set_defaults(handler=cmd_learn)
 
     consolidate = commands.add_parser(
         "consolidate", help="fit the stored answer patches of memories (or sessions) into PEFT LoRA adapters")

@@ -381,6 +381,7 @@ class Consolidator:
         fitted retrieval's prompt holds, at its answer positions: what the adapted model, which sees none of
         them, must make up for. Computed here from the rebuilt prompts (two teacher-forced passes each), each
         checked by its own patched run."""
+        fit = list({patch.run_id: patch for patch in reversed(fit)}.values())[::-1]  # one row set per prompt
         examples = self._refine_examples(connection, fit, "group_target_skipped", group=True)
         if not examples:
             raise ConsolidationError(f"none of the {len(fit)} fitted retrievals' prompts can be rebuilt")
@@ -406,7 +407,6 @@ class Consolidator:
         group = request.scope != "memory"
         energy, rank = None, request.rank
         if group:
-            fit = list({patch.run_id: patch for patch in reversed(fit)}.values())[::-1]  # one row set per prompt
             keys, values, examples = self._group_targets(connection, fit, log or self.log)
             memories = len({r.memory_id for p in fit for r in queue.retrievals(connection, p.prompt_id)})
             energy, rank = GROUP_ENERGY, request.rank * max(1, memories)
@@ -466,9 +466,20 @@ class Consolidator:
             raise BadInputError(f"{scope_key} has {count} retrieval(s); at least 2 are needed (one to fit, one held "
                                 "out)")
         group = request.scope != "memory"
-        fit, held_out = self._split(connection, patches, request.held_out, group)
+        # a group splits whole prompts: one prompt's retrievals of several of its memories never straddle the split
+        of_run: dict[int, list[store.StoredAnswerPatch]] = {}
+        for patch in patches:
+            of_run.setdefault(patch.run_id, []).append(patch)
+        units = [members[0] for members in of_run.values()] if group else patches
+        fit, held_out = self._split(connection, units, request.held_out, group)
         if not held_out:  # two retrievals of different kinds: the newer is checked
-            fit, held_out = patches[:-1], patches[-1:]
+            fit, held_out = units[:-1], units[-1:]
+        if not fit:
+            raise BadInputError(f"{scope_key} has retrievals of {len(units)} prompt(s); at least 2 are needed (one to "
+                                "fit, one held out)")
+        if group:
+            fit = [patch for unit in fit for patch in of_run[unit.run_id]]
+            held_out = [patch for unit in held_out for patch in of_run[unit.run_id]]
         held_count = len(held_out)
         log = self.log.bind(scope_key=scope_key, patches=count, held_out=held_count)
         log.info("consolidation_started")

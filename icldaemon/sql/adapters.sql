@@ -106,10 +106,12 @@ WHERE adapter_patches.adapter_id = %(adapter_id)s
   AND memory_patches.run_id = adapter_patches.run_id AND memory_patches.memory_id = adapter_patches.memory_id;
 
 -- name: list_adapters --
--- Every adapter version, newest first, with its status and figures; current: the newest accepted of its group.
+-- Every adapter version, newest first, with its status, figures and how many memories it covers; current: the newest accepted of its group.
 SELECT id, scope_key, model, version, method, status, status_reason, rank, patch_count, held_out_count,
        with_memory_rate, without_memory_rate, adapter_rate, answer_kl_without, answer_kl_adapter, neutral_kl,
        neutral_next_token_unchanged, leak_rate, next_token_kl_share, recovered_all, path, created_at,
+       (SELECT count(DISTINCT used.memory_id) FROM adapter_patches AS used WHERE used.adapter_id = adapters.id)
+           AS memories,
        id = (SELECT current.id FROM adapters AS current
              WHERE current.model = adapters.model AND current.scope_key = adapters.scope_key
                AND current.status = 'accepted'

@@ -338,3 +338,41 @@ def test_the_distillation_method_trains_the_baseline_on_the_same_retrievals(data
         before.append(answer_kl(tiny.model, tiny.model, with_ids, without_ids, list(answer_ids)))
         after.append(answer_kl(adapted, tiny.model, with_ids, without_ids, list(answer_ids)))
     assert np.mean(after) < 0.5 * np.mean(before), (before, after)
+
+
+def test_a_group_adapter_is_fitted_on_the_patches_of_removing_all_of_its_memories(database_url, tiny, tmp_path):
+    from icldaemon.engine import answers
+    from icldaemon.store import adapters as store
+    from icldaemon.store import queue
+
+    measure_questions(database_url, tiny, QUESTIONS[:5], OTHERS[:5])  # each prompt holds the fact and one other
+    consolidator = Consolidator(database_url, tiny, tmp_path / "adapters")
+    decode = lambda ids: tiny.tokenizer.decode(ids)  # noqa: E731
+
+    with queue.connect(database_url) as connection:
+        patches = store.answer_patches(connection, consolidator.key, scope="all", scope_key="all",
+                                       num_layers=consolidator.num_layers, d_model=consolidator.d_model)
+        keys, values, examples = consolidator._group_targets(connection, patches[:4], consolidator.log)
+    assert len(patches) == 10  # two memories a prompt
+    for example in examples:  # every one of the prompt's memories is out, the rest of the prompt is in
+        assert FACT in decode(example.with_ids) and FACT not in decode(example.without_ids)
+        assert not any(other in decode(example.without_ids) for other in OTHERS)
+        assert QUESTIONS[0] in decode(example.with_ids) or any(q in decode(example.without_ids) for q in QUESTIONS)
+    # one row set per prompt (the first four patches are two prompts' two memories each)
+    assert len(examples) == 2
+    expected = [answers.answer_patch(tiny.model, e.with_ids, e.without_ids, e.answer_ids) for e in examples]
+    for layer_idx in range(consolidator.num_layers):
+        np.testing.assert_allclose(keys[layer_idx], np.concatenate([p.key[layer_idx] for p in expected]), atol=1e-6)
+        np.testing.assert_allclose(values[layer_idx], np.concatenate([p.value[layer_idx] for p in expected]),
+                                   atol=1e-6)
+    assert max(p.max_abs_log_prob_error for p in expected) < 1e-4  # each target checked by its own patched run
+
+    record = Consolidator(database_url, tiny, tmp_path / "adapters").run(
+        ConsolidationRequest(scope="all", rank=2, min_patches=2))[0]
+    metadata = json.loads((record.path / "icldaemon.json").read_text())
+    assert metadata["target"] == "all of the group's memories removed"
+    assert metadata["energy"] == 0.9 and min(metadata["retained_energy"]) >= 0.9 - 1e-9
+    fit_runs = {run for run, _memory in metadata["fit_patches"]}
+    held_runs = {run for run, _memory in metadata["held_out_patches"]}
+    assert fit_runs and held_runs and not fit_runs & held_runs  # whole prompts on either side
+    assert len(metadata["fit_patches"]) + len(metadata["held_out_patches"]) == 10
