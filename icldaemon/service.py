@@ -7,7 +7,8 @@ transaction commits, and a crash before that leaves it to be claimed again when 
 
 `Service.run_once()` drains the queue and returns. `Service.run_forever()` keeps going: a LISTEN on
 icl_prompts wakes it as soon as a prompt is committed, an APScheduler job polls as a fallback, another
-keeps the log's monthly partitions ahead, and consolidation runs on its schedule between prompts;
+keeps the log's monthly partitions ahead, and consolidation runs on its schedule between prompts (with
+`learn_new_memories`, after queuing and measuring questions about every memory not yet learned, learn.py);
 SIGTERM or SIGINT stops claiming, lets the current job finish within the stop timeout (else puts it
 back in the queue) and returns 0. A lost database connection is reopened; any other fault of the
 worker or the writer thread ends `run_forever` with 1, for the supervisor to restart the process. The
@@ -27,6 +28,7 @@ from queue import Full, Queue
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from icldaemon import learn
 from icldaemon.consolidate import ConsolidationRequest, ConsolidationSettings, Consolidator
 from icldaemon.engine.loading import LoadedModel
 from icldaemon.exceptions import DatabaseError, IcldaemonError
@@ -179,6 +181,7 @@ class Service:
         retention_days: float | None = None,
         consolidation: ConsolidationSettings | None = None,
         adapters_dir: Path | None = None,
+        learn_new_memories: bool = False,
         on_processed: Callable[[int, str], None] | None = None,
     ):
         self.worker = worker
@@ -189,6 +192,7 @@ class Service:
         # Consolidation runs the model, so it runs on the worker thread, between prompts.
         self.consolidation = consolidation
         self.adapters_dir = adapters_dir
+        self.learn_new_memories = learn_new_memories
         self._consolidation_due = threading.Event()
         self._consolidator: Consolidator | None = None
         self._stopping = threading.Event()
@@ -206,7 +210,7 @@ class Service:
                       stride: int = 1, **options) -> "Service":
         worker = Worker.from_settings(url, loaded, settings, worker_id=worker_id, stride=stride)
         return cls(worker, poll_interval=settings.poll_interval, stop_timeout=settings.stop_timeout,
-                   retention_days=settings.retention_days, **options)
+                   retention_days=settings.retention_days, learn_new_memories=settings.learn_new_memories, **options)
 
     # --- draining the queue
 
@@ -301,7 +305,10 @@ class Service:
                             self._drain(connection)
                             if self._consolidation_due.is_set() and not self._stopping.is_set():
                                 self._consolidation_due.clear()
-                                self.consolidate()
+                                if self.learn_memories():  # measured now, so that this consolidation fits them
+                                    self._drain(connection)
+                                if not self._stopping.is_set():
+                                    self.consolidate()
                                 continue
                             self.progress.idle("work")
                             self._wake.wait()
@@ -311,6 +318,17 @@ class Service:
                 except Exception as exc:  # noqa: BLE001 - a fault outside any job: stop with a failing exit code
                     self.fail(exc)
                     return
+
+    def learn_memories(self) -> bool:
+        """With learn_new_memories, queue questions about every memory not learned yet; whether any were queued."""
+        if not self.learn_new_memories or self.consolidation is None or self.adapters_dir is None:
+            return False
+        try:
+            submitted = learn.learn_new_memories(self.worker.url)
+        except IcldaemonError as exc:  # logged; the consolidation and the measuring go on
+            self.log.error("learn_failed", error=str(exc), error_type=type(exc).__name__)
+            return False
+        return bool(submitted)
 
     def consolidate(self) -> None:
         """One scheduled consolidation of every due group; a failing group is logged and skipped."""

@@ -97,6 +97,13 @@ class Settings(BaseSettings):
         description="Greedy answer tokens recorded per prompt with retrieved memories, with each memory's exact "
         "patch at every answer position (what consolidation fits); 0 records none.",
     )
+    learn_new_memories: bool = Field(
+        default=False,
+        description="Before each scheduled consolidation, queue questions about every memory that has none yet "
+        "(`icldaemon learn`: 16 chats retrieving it, in its own learn session), so that a memory is consolidated "
+        "before real traffic asks about it. Only memories the daemon's role may attach (its own; all of them for "
+        "the schema owner or with icl_config.share_memories).",
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -55,3 +55,37 @@ def runs_of_prompts(connection: psycopg.Connection, prompt_ids: list[int]) -> di
             connection.transaction():
         rows = connection.execute(QUERIES["runs_of_prompts"], {"prompt_ids": list(prompt_ids)}).fetchall()
     return {prompt_id: run_id for run_id, prompt_id in rows}
+
+
+# --- learning a memory (learn.py)
+
+
+def memory_to_learn(connection: psycopg.Connection, memory_id: int,
+                    neighbours: int) -> tuple[str | None, str, list[int]] | None:
+    """(key, content, the ids of up to `neighbours` other memories of its submitter, nearest first, the lower on a
+    tie), or None when the memory does not exist."""
+    with translate_errors(connection_url(connection), f"reading memory {memory_id} to learn it"), \
+            connection.transaction():
+        row = connection.execute(QUERIES["memory_to_learn"],
+                                 {"memory_id": memory_id, "neighbours": neighbours}).fetchone()
+    return None if row is None else (row[0], row[1], list(row[2]))
+
+
+def learnable_memories(connection: psycopg.Connection) -> list[int]:
+    """The memories with a key that the session user may attach to its prompts, by id."""
+    with translate_errors(connection_url(connection), "finding memories to learn"), connection.transaction():
+        return [memory_id for (memory_id,) in connection.execute(QUERIES["learnable_memories"]).fetchall()]
+
+
+def sessions_with_prompts(connection: psycopg.Connection, session_ids: list) -> set:
+    """Which of `session_ids` hold a prompt, of any submitter."""
+    with translate_errors(connection_url(connection), "finding sessions with prompts"), connection.transaction():
+        return {session for (session,) in connection.execute(QUERIES["sessions_with_prompts"],
+                                                             {"session_ids": list(session_ids)}).fetchall()}
+
+
+def own_session_prompts(connection: psycopg.Connection, session_id) -> int:
+    """How many prompts the session user submitted in `session_id`."""
+    with translate_errors(connection_url(connection), f"counting the prompts of session {session_id}"), \
+            connection.transaction():
+        return connection.execute(QUERIES["own_session_prompts"], {"session_id": session_id}).fetchone()[0]

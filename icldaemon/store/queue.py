@@ -170,6 +170,12 @@ def submit(
         return connection.execute(QUERIES["submit_prompt"], parameters).fetchone()[0]
 
 
+def submit_all(connection: psycopg.Connection, prompts: list[dict]) -> list[int]:
+    """Queue several prompts, each given as submit()'s keyword arguments, in one transaction: all or none."""
+    with translate_errors(connection_url(connection), f"submitting {len(prompts)} prompts"), connection.transaction():
+        return [submit(connection, **prompt) for prompt in prompts]
+
+
 def listen(connection: psycopg.Connection) -> None:
     """Subscribe an autocommit connection to the notification sent when a prompt is queued."""
     with translate_errors(connection_url(connection), "listening for prompts"):
