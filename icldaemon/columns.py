@@ -2,10 +2,11 @@
 
 The engine computes one [num_layers, context_tokens] array per name (`Measurement.dynamics`), the
 store writes each as a float32 array column of icl_dynamics_layers and the view icl_dynamics_log
-unnests it; the SQLAlchemy model, the writer's COPY and the view are all built from this tuple, and
-nothing else spells the names. Torch-free and database-free, so both sides import it. Adding a
-quantity: its computation in the engine, an entry here, a migration, and the views that show it
-(README, "Adding a measured quantity").
+unnests it. The SQLAlchemy model, the writer's COPY and the view are built from this tuple
+(tests/unit/test_layers.py checks); the engine's measure.py computes each quantity under its name, and
+plots.py and report.py name the ones they draw and print. Torch-free and database-free, so both sides
+import it. Adding a quantity: its computation in the engine, an entry here, a migration, and the views
+that show it (README, "Adding a measured quantity").
 """
 
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Quantity:
     name: str  # the column's name, in icl_dynamics_layers and icl_dynamics_log
-    meaning: str  # in the notation of docs/method.md §4
+    meaning: str  # in the notation of docs/method.md §3
 
 
 DYNAMICS = (

@@ -1,8 +1,11 @@
 """The worker: claims a prompt, measures it with the engine and writes its results, one job at a time.
 
-The only module that uses both the engine and the store. It owns no threads of its own but a claim's
-heartbeat, which renews the lease on its own connection while the model runs, so that a long job keeps
-its prompt: `Worker.run_next(connection)` claims, measures and writes one prompt and returns its status.
+It joins the engine and the store for the daemon's measuring, as assembly.py (a prompt rebuilt from its
+rows), consolidate.py, service.py, demo.py and cli.py join them for their own jobs; the engine itself
+never imports the store, nor the store torch (tests/unit/test_layers.py). It owns no threads of its own
+but a claim's heartbeat, which renews the lease on its own connection while the model runs, so that a
+long job keeps its prompt: `Worker.run_next(connection)` claims, measures and writes one prompt and
+returns its status.
 The service (service.py) runs the same steps with the writing on a thread of its own, and adds the
 listening, the schedule, signals, systemd and exit codes.
 """

@@ -1,4 +1,4 @@
-"""How a consolidated adapter behaves, measured the way model edits are (docs/method.md §7.4).
+"""How a consolidated adapter behaves, measured the way model edits are (docs/method.md §7.3).
 
 - *Answer level*: on held-out questions, how often the greedy answer says the memory's fact with the
   memory in context, without it, and without it but with the adapter.

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# The definition of prefix i and of "C without Y" that produced a measurement (docs/method.md, §5).
+# The definition of prefix i and of "C without Y" that produced a measurement (docs/method.md §5).
 # 1: the query kept its position in the whole prompt, removed tokens left a gap in the positions.
 # 2: every run is a prompt that could be sent: the query follows the kept tokens, removal closes up.
 # 3: as 2, and a raw prompt's anchor is BOS even where the tokenizer does not add it (the first word

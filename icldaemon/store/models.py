@@ -134,8 +134,11 @@ class IclDynamicsLayers(Base):
     """One row per (measurement run, layer): the six quantities over the run's context tokens, float32 arrays.
 
     Entry i of each array is context token i (NULL where a stride skipped the prefix). Users read these
-    rows through the view icl_dynamics_log, one row per (run, layer, token); the storage layout and why
-    it is this one: docs/method.md §8. Partitioned by month of created_at, like icl_dynamics_tokens.
+    rows through the view icl_dynamics_log, one row per (run, layer, token). Arrays per (run, layer)
+    rather than a row per value: what is the same for a whole run is stored once (icl_dynamics_tokens,
+    measurement_runs) and the values at the float32 the measurement carries, which bench/bench_storage.py
+    measures (README.md#database). Partitioned by month of created_at, like icl_dynamics_tokens, so that
+    the retention drops whole partitions.
     """
 
     # A table rather than annotated columns, so that its array columns come from the contract.
@@ -172,13 +175,13 @@ class IclDynamicsTokens(Base):
 
 
 # The quantities' arrays are stored out of line without compression: float32 measurements do not
-# compress, and trying costs every write (docs/method.md §8). Partitions inherit it.
+# compress, and trying costs every write. Partitions inherit it.
 for _column in DYNAMICS_NAMES:
     event.listen(IclDynamicsLayers.__table__, "after_create",
                  DDL(f"ALTER TABLE icl_dynamics_layers ALTER COLUMN {_column} SET STORAGE EXTERNAL"))
 
 # One row per (measurement run, layer, context token), with the run's own columns from measurement_runs
-# and prompts: the table of the original brief, now a view over the arrays. The set-returning functions
+# and prompts: the columns of the original brief, as a view over the arrays. The set-returning functions
 # sit in the select list, where PostgreSQL steps through the arrays together without materialising each
 # one, and the joins sit beside them, so that a filter on any column that is not an array's element
 # (run_id, layer_idx, session_id, model, prompt_id, created_at) is applied before any array is unnested:
@@ -230,11 +233,12 @@ class MeasurementRun(Base):
     exactness_kl: Mapped[float | None]
     context_kl: Mapped[float | None]
     created_at: Mapped[datetime.datetime] = mapped_column(server_default=func.now())
-    # Which definition of prefixes and removal produced the run (docs/method.md; added by migration 0005,
-    # hence last): 1 left gaps in the positions, 2 measures prompts that could be sent.
+    # Which definition of prefixes, anchor and removal produced the run: 1, 2 or 3, the current one
+    # (engine/result.py METHOD_VERSION; each defined in docs/method.md §5); views and consolidation never
+    # mix versions. Added by migration 0005, hence last.
     method_version: Mapped[int] = mapped_column(SmallInteger)
-    # sha256 of the token ids (little-endian int64), once per run (added by migration 0007, hence last;
-    # it was a column of every icl_dynamics_log row before)
+    # sha256 of the token ids (little-endian int64): the same for every row of the run, so stored once
+    # here and joined into icl_dynamics_log. Added by migration 0007, hence last.
     prompt_hash: Mapped[str | None]
 
 
@@ -287,7 +291,7 @@ class MemoryAnswerPatch(Base):
 
     The model's greedy answer with the memory in context (`answer_ids`), and per layer and answer
     position the MLP input without the memory (`a_tilde`) and the layer-output change (`value`):
-    float16 little-endian [num_layers, positions, d_model] each (docs/method.md §7).
+    float16 little-endian [num_layers, positions, d_model] each (docs/method.md §7.1).
     """
 
     __tablename__ = "memory_answer_patches"
@@ -347,8 +351,8 @@ class Adapter(Base):
     greedy_match_all: Mapped[float | None]
     created_at: Mapped[datetime.datetime] = mapped_column(server_default=func.now())
     # Added by migration 0006, hence last: the method, the quality gate's verdict, and the figures
-    # measured like model edits (docs/method.md §7).
-    method: Mapped[str]  # 'down_projection'; 'gate_up_bias' for versions before 0006
+    # measured like model edits (docs/method.md §7.3).
+    method: Mapped[str]  # 'down_projection' or 'distillation'; 'gate_up_bias': listed and loadable, not fitted
     status: Mapped[str]  # 'accepted' or 'rejected'; only accepted versions are current
     status_reason: Mapped[str | None]
     answer_examples: Mapped[int | None]

@@ -5,7 +5,8 @@ torch). `prepare` turns it into what the database takes and needs no connection,
 runs it on the thread that measures; `write` sends it in one transaction that marks the prompt done:
 the run's row, one icl_dynamics_layers row per layer (the six quantities as float32 arrays over the
 context tokens) in one binary COPY whose payload numpy assembles, the run's icl_dynamics_tokens row in
-another, and the memories' rows. `write_measurement` does both. The layout: docs/method.md §8.
+another, and the memories' rows. `write_measurement` does both. The tables and why they are arrays:
+store/models.py `IclDynamicsLayers`.
 """
 
 import hashlib

@@ -16,7 +16,7 @@ from icldaemon.engine.prompt import Segment, SegmentedPrompt
 from icldaemon.engine.state_space import dual_form
 from icldaemon.exceptions import UnsupportedArchitectureError
 
-HYBRID_CHECK = 1e-4  # docs/method.md §8: the check's tolerance for hybrids, at the SSM scan's float32 floor
+HYBRID_CHECK = 1e-4  # docs/method.md §8.4: the check's tolerance for hybrids, at the SSM scan's float32 floor
 
 
 def long_prompt(length: int, seed: int = 5) -> SegmentedPrompt:

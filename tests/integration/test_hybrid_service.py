@@ -24,7 +24,7 @@ from icldaemon.engine.loading import load_model
 from icldaemon.service import Service
 from icldaemon.worker import Worker
 
-HYBRID_CHECK = 1e-4  # docs/method.md §8
+HYBRID_CHECK = 1e-4  # docs/method.md §8.4
 FACT = "The user's locker code is 4-7-1-9."
 QUESTIONS = ["What is my locker code?", "Remind me of the code for my locker.", "Which code opens my locker?",
              "Tell me the locker code.", "My locker code, please?", "What's the code again?"]

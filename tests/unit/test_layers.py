@@ -1,5 +1,5 @@
 """The package's rooms, checked on its source: only the store speaks SQL, the engine knows no database, the
-store knows no torch, and the log's column names are spelled in one place."""
+store knows no torch, and the log's table, COPY and view take their quantities from icldaemon/columns.py."""
 
 import ast
 import subprocess
