@@ -9,8 +9,8 @@ are the model's own and sometimes ignore or refuse the fact. Everything goes thr
 1. the prompts are submitted with `icl_submit` into a fresh database and measured by the daemon's worker
    (`Service.run_once`), which stores each retrieval's answer patches as float16;
 2. `Consolidator` (what `icldaemon consolidate` runs) fits one adapter per memory (`--scope memory`) and
-   one adapter for the whole group (`--scope session`), with its own hold-out and quality gate, and writes
-   them as PEFT directories;
+   one adapter for the whole group (`--scope all`: the bench's database holds only this user), with its
+   own hold-out and quality gate, and writes them as PEFT directories;
 3. each adapter is read back from its directory and judged on questions that were never submitted:
    the fact's held-out direct questions and its questions in other styles (terse, indirect, embedded in a
    task), greedy answers, with no memory in the context.
@@ -24,6 +24,10 @@ at the next token, greedy next token kept), leak of each per-memory adapter into
 questions, and the time per consolidated memory.
 
     .venv/bin/python bench/bench_bank.py --split dev --facts 8 [--fit-questions 8] [--keep-database]
+    .venv/bin/python bench/bench_bank.py --split test --facts 8 --learn 8     # learned before asked
+
+With `--learn N` no question of the dataset is submitted: each memory gets the N questions that
+`icldaemon learn` generates (templates over its key), and every one of its dataset questions is judged.
 
 Needs a PostgreSQL server where it may create a database (ICLD_BENCH_SERVER_URL, default
 postgresql://postgres@127.0.0.1:5432/postgres).
@@ -52,6 +56,7 @@ from icldaemon.data import load_bank, load_neutral
 from icldaemon.engine import answers, edit_figures
 from icldaemon.engine.loading import load_model
 from icldaemon.engine.prompt import Memory, build_prompt
+from icldaemon.learn import learn_memory, questions_for
 from icldaemon.service import Service
 from icldaemon.settings import load_settings
 from icldaemon.store import migrate
@@ -89,9 +94,9 @@ def names_fact(answer: str, accepted) -> bool:
 
 
 class Bank:
-    def __init__(self, loaded, facts, fit_questions: int):
+    def __init__(self, loaded, facts, fit_questions: int, learned: int = 0):
         self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer
-        self.facts, self.fit_questions = facts, fit_questions
+        self.facts, self.fit_questions, self.learned = facts, fit_questions, learned
         self.stop = answers.stop_token_ids(self.model, self.tokenizer)
         self.random = random.Random(SEED)
         self.memory_ids: list[int] = []
@@ -100,11 +105,14 @@ class Bank:
         return [(index + step) % len(self.facts) for step in range(1, NEIGHBOURS + 1)]
 
     def fitted(self, index: int) -> list[str]:
+        if self.learned:
+            return questions_for(self.facts[index].key, self.facts[index].content, self.learned)
         return list(self.facts[index].questions["direct"][: self.fit_questions])
 
     def judged(self, index: int) -> list[str]:
         questions = self.facts[index].questions
-        return [*questions["direct"][self.fit_questions:], *(q for style in JUDGED_STYLES for q in questions[style])]
+        direct = questions["direct"] if self.learned else questions["direct"][self.fit_questions:]
+        return [*direct, *(q for style in JUDGED_STYLES for q in questions[style])]
 
     def retrieved(self, index: int) -> list[int]:
         """The fact's memory and its neighbours' in a retriever's order: the fact at rank 1, 2 or 3."""
@@ -163,6 +171,9 @@ def submit_traffic(bank: Bank, url: str, session_id: str) -> int:
         for fact in bank.facts:
             bank.memory_ids.append(connection.execute("SELECT memory_id FROM icl_put_memory(%s, %s)",
                                                       (fact.key, fact.content)).fetchone()[0])
+    if bank.learned:  # what `icldaemon learn` queues, each memory in its own learn session
+        return sum(len(learn_memory(url, memory_id, bank.learned)) for memory_id in bank.memory_ids)
+    with psycopg.connect(url) as connection:
         for index in range(len(bank.facts)):
             for question in bank.fitted(index):
                 memory_ids = [bank.memory_ids[i] for i in bank.retrieved(index)]
@@ -193,17 +204,20 @@ def main() -> None:
     parser.add_argument("--split", choices=["dev", "test"], required=True)
     parser.add_argument("--facts", type=int, default=8, help="the first N facts of the split")
     parser.add_argument("--fit-questions", type=int, default=8, help="direct questions submitted per fact")
+    parser.add_argument("--learn", type=int, default=0, metavar="N",
+                        help="submit no dataset question: N generated questions per memory (icldaemon learn)")
     parser.add_argument("--keep-database", action="store_true")
     args = parser.parse_args()
     server_url = os.environ.get(SERVER_URL_VARIABLE, DEFAULT_SERVER_URL)
 
     settings = load_settings()
     print(f"# bench_bank {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({os.cpu_count()} cores), "
-          f"torch {torch.__version__}, split {args.split}, {args.facts} facts, {args.fit_questions} fitted questions "
-          "each", flush=True)
+          f"torch {torch.__version__}, split {args.split}, {args.facts} facts, "
+          + (f"{args.learn} generated questions each (learned before asked)" if args.learn
+             else f"{args.fit_questions} fitted questions each"), flush=True)
     loaded = load_model(None, models_dir=settings.models_dir, device="cpu", dtype="float32")
     facts = load_bank(args.split)[: args.facts]
-    bank = Bank(loaded, facts, args.fit_questions)
+    bank = Bank(loaded, facts, args.fit_questions, args.learn)
     url = fresh_database(server_url)
     adapters_dir = Path(tempfile.mkdtemp(prefix="icld-bank-adapters-"))
     try:
@@ -222,8 +236,8 @@ def run(bank: Bank, url: str, adapters_dir: Path, settings, args) -> None:
     service = Service(Worker(url, bank.loaded, worker_id="bench-bank"))
     counts = service.run_once()
     measured_seconds = time.perf_counter() - started
-    print(f"traffic: {prompts} prompts, each fact's memory retrieved {args.fit_questions} times for its own "
-          f"questions and {NEIGHBOURS * args.fit_questions} for others'; measured by the worker in "
+    print(f"traffic: {prompts} prompts, each fact's memory retrieved {len(bank.fitted(0))} times for its own "
+          f"questions and about {NEIGHBOURS * len(bank.fitted(0))} for others'; measured by the worker in "
           f"{measured_seconds:.0f} s ({measured_seconds / prompts:.2f} s per prompt): {counts}", flush=True)
 
     consolidator = Consolidator(url, bank.loaded, adapters_dir,
@@ -241,7 +255,7 @@ def run(bank: Bank, url: str, adapters_dir: Path, settings, args) -> None:
               f"{' (' + record.status_reason + ')' if record.status_reason else ''}, rank {own[index].rank}, "
               f"{own_seconds[-1]:.0f} s", flush=True)
     started = time.perf_counter()
-    group_record = consolidator.run(ConsolidationRequest(scope="session", session_id=session_id, min_patches=2))[-1]
+    group_record = consolidator.run(ConsolidationRequest(scope="all", min_patches=2))[-1]
     group_seconds = time.perf_counter() - started
     group = answers.load_lora(group_record.path)
     print(f"  group adapter ({len(bank.facts)} memories): {group_record.status}"
