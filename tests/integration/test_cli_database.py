@@ -42,6 +42,8 @@ DATABASE_COMMANDS = {
     "generate": ["generate", "--adapter", "1", "--text-file", "prompt.txt"],
     "plot": ["plot", "1"],
     "roles": ["roles"],
+    "learn": ["learn", "--memory-id", "1"],
+    "export": ["export", "--adapter", "1", "--merged", "merged-model"],
 }
 # On a database without the schema, `migrate` creates it and `run` upgrades it first unless told not to.
 UNMIGRATED_COMMANDS = {name: (["run", "--once", "--no-migrate"] if name == "run" else command)
@@ -140,7 +142,7 @@ ACTIONS = {
     "status": "counting prompts", "submit": "submitting a prompt", "plot": "reading measurement run 1",
     "adapters": "listing adapters", "memories list": "listing memories", "memories add": "storing memory 'pet'",
     "runs": "listing measurement runs", "generate": "reading adapter 1", "roles": "creating roles and grants",
-    "query": "running query least_exact_runs",
+    "query": "running query least_exact_runs", "export": "reading adapter 1",
 }
 
 
