@@ -291,6 +291,10 @@ def run(bank: Bank, url: str, adapters_dir: Path, settings, args) -> None:
                 "with memory": bank.answer(bank.prompt_ids(question, bank.retrieved(index))),
                 "no memory": bank.answer(bank.prompt_ids(question)),
                 "own adapter": bank.answer(bank.prompt_ids(question), own[index]),
+                # what its target assumed: the other memories of its retrievals still in the context
+                "neighbours only": bank.answer(bank.prompt_ids(question, bank.neighbours(index))),
+                "own adapter, neighbours in context": bank.answer(bank.prompt_ids(question, bank.neighbours(index)),
+                                                                  own[index]),
                 "stacked": bank.answer(bank.prompt_ids(question), stacked),
                 "router": bank.answer(bank.prompt_ids(question), None if choice is None else own[choice]),
                 "group adapter": bank.answer(bank.prompt_ids(question), group),
