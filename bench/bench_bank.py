@@ -206,6 +206,8 @@ def main() -> None:
     parser.add_argument("--fit-questions", type=int, default=8, help="direct questions submitted per fact")
     parser.add_argument("--learn", type=int, default=0, metavar="N",
                         help="submit no dataset question: N generated questions per memory (icldaemon learn)")
+    parser.add_argument("--memory-target", choices=["in_context", "alone"], default="in_context",
+                        help="what each memory's adapter is fitted on (ConsolidationRequest.memory_target)")
     parser.add_argument("--keep-database", action="store_true")
     args = parser.parse_args()
     server_url = os.environ.get(SERVER_URL_VARIABLE, DEFAULT_SERVER_URL)
@@ -247,7 +249,8 @@ def run(bank: Bank, url: str, adapters_dir: Path, settings, args) -> None:
     own, own_seconds = {}, []
     for index, memory_id in enumerate(bank.memory_ids):
         started = time.perf_counter()
-        records = consolidator.run(ConsolidationRequest(scope="memory", memory_id=memory_id, min_patches=2))
+        records = consolidator.run(ConsolidationRequest(scope="memory", memory_id=memory_id, min_patches=2,
+                                                        memory_target=args.memory_target))
         own_seconds.append(time.perf_counter() - started)
         record = records[-1]
         own[index] = answers.load_lora(record.path)

@@ -45,6 +45,7 @@ SCOPES = ("memory", "session", "all")
 METHOD = "down_projection"  # the exact patches fitted (docs/method.md §7)
 DISTILLATION = "distillation"  # context distillation by gradient steps, the baseline (engine/distillation.py)
 METHODS = (METHOD, DISTILLATION)
+MEMORY_TARGETS = ("in_context", "alone")
 MIN_PATCHES = 8  # new retrievals a group needs before a new adapter version is fitted
 HELD_OUT = 0.25  # share of a group's retrievals (the newest of each kind) kept out of the fit to check the adapter
 GROUP_ENERGY = 0.9  # a group adapter's rank: the smallest that keeps this share of every layer's fitted delta
@@ -131,6 +132,10 @@ class ConsolidationRequest:
     held_out: float = HELD_OUT
     gate: QualityGate = QualityGate()
     method: str = METHOD
+    # one memory's target: "in_context" (its stored patches: removed from a prompt that keeps its other
+    # memories) or "alone" (recomputed: the memory alone in the prompt against no memory, what a model that
+    # holds no memory in its context needs); being screened, see docs/consolidation.md
+    memory_target: str = "in_context"
 
     def __post_init__(self):
         if self.scope not in SCOPES:
@@ -155,6 +160,8 @@ class ConsolidationRequest:
             raise BadInputError(f"held_out must be between 0 and 1, got {self.held_out}")
         if self.method not in METHODS:
             raise BadInputError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.memory_target not in MEMORY_TARGETS:
+            raise BadInputError(f"memory_target {self.memory_target!r} is not one of {', '.join(MEMORY_TARGETS)}")
 
     @classmethod
     def from_settings(cls, settings: ConsolidationSettings, **overrides) -> "ConsolidationRequest":
@@ -192,6 +199,14 @@ class AdapterRecord:
     leak: edit_figures.Leak
     fit_seconds: float
     method: str = METHOD
+
+
+@dataclass
+class _WithIds:
+    """A rebuilt prompt whose token ids are another rendering of it (the memory alone, its neighbours out)."""
+
+    prompt: object
+    input_ids: list[int]
 
 
 @dataclass
@@ -298,7 +313,7 @@ class Consolidator:
     # --- one group
 
     def _rebuilt(self, connection: queue.Connection, patch: store.StoredAnswerPatch, event: str,
-                 group: bool = False):
+                 group: bool = False, alone: bool = False):
         """The retrieval's prompt as it was measured and its token ids without the memory (`group`: without
         every memory it holds, which are all of the group's), its source and its retrievals; None (logged)
         where it can no longer be rebuilt."""
@@ -315,27 +330,32 @@ class Consolidator:
         if label not in labels:
             self.log.warning(event, run_id=patch.run_id, error=f"{label} is not in the prompt")
             return None
-        removed = {name for name in labels if name.startswith("memory:")} if group else {label}
+        memories = {name for name in labels if name.startswith("memory:")}
+        if alone:  # the memory alone against none: the other memories out of both
+            alone_ids = prompt.without(memories - {label})
+            return _WithIds(prompt, alone_ids), prompt.without(memories), messages, text, retrievals
+        removed = memories if group else {label}
         return prompt, prompt.without(removed), messages, text, retrievals
 
     def _refine_examples(self, connection: queue.Connection, fit: list[store.StoredAnswerPatch],
-                         event: str = "refinement_skipped", group: bool = False) -> list[answers.RefineExample]:
+                         event: str = "refinement_skipped", group: bool = False,
+                         alone: bool = False) -> list[answers.RefineExample]:
         """The fitted retrievals as the model runs them, with and without the memory (`group`: without all of
         the group's); each rebuilt from the database, one that cannot be is logged as `event` and left out."""
         examples = []
         for patch in fit:
-            rebuilt = self._rebuilt(connection, patch, event, group)
+            rebuilt = self._rebuilt(connection, patch, event, group, alone)
             if rebuilt is not None:
                 prompt, without_ids, *_source = rebuilt
                 examples.append(answers.RefineExample(prompt.input_ids, without_ids, patch.answer_ids))
         return examples
 
     def _held_out(self, connection: queue.Connection, held_out: list[store.StoredAnswerPatch],
-                  group: bool = False) -> _HeldOut:
+                  group: bool = False, alone: bool = False) -> _HeldOut:
         decode = lambda ids: self.loaded.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         relevant, irrelevant, all_words = [], [], set()
         for patch in held_out:
-            rebuilt = self._rebuilt(connection, patch, "held_out_skipped", group)
+            rebuilt = self._rebuilt(connection, patch, "held_out_skipped", group, alone)
             if rebuilt is None:
                 continue
             prompt, without_ids, messages, text, retrievals = rebuilt
@@ -346,7 +366,7 @@ class Consolidator:
             if words:
                 all_words |= words
                 relevant.append(edit_figures.AnswerExample(prompt.input_ids, without_ids, edit_figures.says_any(words),
-                                                           with_answer_ids=patch.answer_ids))
+                                                           with_answer_ids=None if alone else patch.answer_ids))
             else:
                 irrelevant.append(without_ids)
         return _HeldOut(relevant, irrelevant, frozenset(all_words))
@@ -375,14 +395,15 @@ class Consolidator:
                                                question=_question(messages, text)))].append(patch)
         return stratified_split(kinds.values(), share, order=lambda patch: (patch.run_id, patch.memory_id))
 
-    def _group_targets(self, connection: queue.Connection, fit: list[store.StoredAnswerPatch], log
-                       ) -> tuple[list[np.ndarray], list[np.ndarray], list[answers.RefineExample]]:
+    def _group_targets(self, connection: queue.Connection, fit: list[store.StoredAnswerPatch], log,
+                       alone: bool = False) -> tuple[list[np.ndarray], list[np.ndarray], list[answers.RefineExample]]:
         """Per layer the keys and values of the exact patches of removing all of the group's memories that each
         fitted retrieval's prompt holds, at its answer positions: what the adapted model, which sees none of
         them, must make up for. Computed here from the rebuilt prompts (two teacher-forced passes each), each
         checked by its own patched run."""
-        fit = list({patch.run_id: patch for patch in reversed(fit)}.values())[::-1]  # one row set per prompt
-        examples = self._refine_examples(connection, fit, "group_target_skipped", group=True)
+        if not alone:
+            fit = list({patch.run_id: patch for patch in reversed(fit)}.values())[::-1]  # one row set per prompt
+        examples = self._refine_examples(connection, fit, "group_target_skipped", group=not alone, alone=alone)
         if not examples:
             raise ConsolidationError(f"none of the {len(fit)} fitted retrievals' prompts can be rebuilt")
         targets = [answers.answer_patch(self.loaded.model, example.with_ids, example.without_ids, example.answer_ids,
@@ -411,6 +432,9 @@ class Consolidator:
             memories = len({r.memory_id for p in fit for r in queue.retrievals(connection, p.prompt_id)})
             energy, rank = GROUP_ENERGY, request.rank * max(1, memories)
             row_weights_line_up = True
+        elif request.memory_target == "alone":
+            keys, values, examples = self._group_targets(connection, fit, log or self.log, alone=True)
+            row_weights_line_up = True
         else:
             a_tilde = np.concatenate([patch.a_tilde for patch in fit], axis=1)  # [num_layers, pairs, d_model]
             keys = answers.keys_from_inputs(self.loaded.model, a_tilde, self.adapter)
@@ -431,7 +455,8 @@ class Consolidator:
                        "refinements": request.refinements, "energy": energy,
                        "retained_energy": None if patch.retained_energy is None else
                        [round(share, 6) for share in patch.retained_energy],
-                       "target": "all of the group's memories removed" if group else "the memory removed"}
+                       "target": "all of the group's memories removed" if group else
+                       "the memory alone against none" if request.memory_target == "alone" else "the memory removed"}
 
     def _distilled(self, connection: queue.Connection, fit: list[store.StoredAnswerPatch],
                    request: ConsolidationRequest, log) -> tuple[answers.DownProjectionPatch, dict]:
@@ -502,7 +527,7 @@ class Consolidator:
             log.warning("rank_lowered", requested_rank=request.rank, rank=patch.rank, reason=reason)
 
         checks = self._held_out(connection, list({p.run_id: p for p in held_out}.values()) if group else held_out,
-                                group)
+                                group, alone=not group and request.memory_target == "alone")
         level = (edit_figures.answer_figures(self.loaded.model, self.loaded.tokenizer, patch, checks.examples,
                                              stop_ids=self.stop) if checks.examples else None)
         neutral = edit_figures.specificity(self.loaded.model, patch, baseline, stop_ids=self.stop)

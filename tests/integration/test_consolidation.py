@@ -376,3 +376,30 @@ def test_a_group_adapter_is_fitted_on_the_patches_of_removing_all_of_its_memorie
     held_runs = {run for run, _memory in metadata["held_out_patches"]}
     assert fit_runs and held_runs and not fit_runs & held_runs  # whole prompts on either side
     assert len(metadata["fit_patches"]) + len(metadata["held_out_patches"]) == 10
+
+
+def test_a_memory_alone_target_is_the_patch_of_the_memory_alone_against_no_memory(database_url, tiny, tmp_path):
+    from icldaemon.engine import answers
+    from icldaemon.store import adapters as store
+    from icldaemon.store import queue
+
+    fact_id = measure_questions(database_url, tiny, QUESTIONS[:4], OTHERS[:4])
+    consolidator = Consolidator(database_url, tiny, tmp_path / "adapters")
+    decode = lambda ids: tiny.tokenizer.decode(ids)  # noqa: E731
+
+    with queue.connect(database_url) as connection:
+        patches = store.answer_patches(connection, consolidator.key, scope="memory", scope_key=f"memory:{fact_id}",
+                                       num_layers=consolidator.num_layers, d_model=consolidator.d_model)
+        keys, values, examples = consolidator._group_targets(connection, patches, consolidator.log, alone=True)
+    assert len(examples) == 4
+    for example in examples:  # the fact alone against no memory: the other memory out of both
+        assert FACT in decode(example.with_ids) and FACT not in decode(example.without_ids)
+        assert not any(other in decode(example.with_ids) + decode(example.without_ids) for other in OTHERS)
+    expected = [answers.answer_patch(tiny.model, e.with_ids, e.without_ids, e.answer_ids) for e in examples]
+    np.testing.assert_allclose(values[0], np.concatenate([p.value[0] for p in expected]), atol=1e-6)
+
+    record = consolidator.run(ConsolidationRequest(memory_id=fact_id, rank=2, min_patches=2,
+                                                   memory_target="alone"))[0]
+    assert json.loads((record.path / "icldaemon.json").read_text())["target"] == "the memory alone against none"
+    with pytest.raises(BadInputError, match="memory_target 'nearby' is not one of in_context, alone"):
+        ConsolidationRequest(memory_id=fact_id, memory_target="nearby")
