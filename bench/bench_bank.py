@@ -34,6 +34,7 @@ postgresql://postgres@127.0.0.1:5432/postgres).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -129,7 +130,7 @@ class Bank:
         return build_prompt(self.tokenizer, messages=self.messages(question), memories=memories).input_ids
 
     def answer(self, ids: list[int], patch=None) -> str:
-        with answers.applied(self.model, patch) if patch is not None else _nothing():
+        with answers.applied(self.model, patch) if patch is not None else contextlib.nullcontext():
             answer_ids = answers.greedy_answer(self.model, ids, ANSWER_TOKENS, self.stop)
         return self.tokenizer.decode(answer_ids, skip_special_tokens=True)
 
@@ -139,14 +140,6 @@ class Bank:
         hidden = self.model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
         vector = hidden.mean(dim=0).double().cpu().numpy()
         return vector / np.linalg.norm(vector)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def fresh_database(server_url: str) -> str:
@@ -183,6 +176,7 @@ def submit_traffic(bank: Bank, url: str, session_id: str) -> int:
     return count
 
 
+@torch.no_grad()
 def per_prompt_specificity(bank: Bank, prompts, patches) -> tuple[float, float]:
     """Mean next-token KL(base || adapted) and greedy next token kept, each prompt with its own patch (or none)."""
     kls, kept = [], []

@@ -531,12 +531,11 @@ def cmd_adapters(args, settings: Settings) -> int:
                        f"{share(row['adapter_rate'])}  {nats(row['neutral_kl'])} "
                        f"{share(row['neutral_next_token_unchanged'])} {share(row['leak_rate'])}")
         print(f"{row['id']:>5}  {row['scope_key']:<20} {row['version']:>3} {status:<9} {row['memories']:>4} "
-              f"{row['rank']:>4} "
-              f"{row['patch_count']:>4} {row['held_out_count']:>4}  {figures}  {row['path']}")
+              f"{row['rank']:>4} {row['patch_count']:>4} {row['held_out_count']:>4}  {figures}  {row['path']}")
         if row["status_reason"]:
             print(f"{'':>7}rejected: {row['status_reason']}")
-    print("mem: the memories the version was fitted on; rank: for a group, the smallest keeping 90% of every layer's fit; "
-          "with / w/o / LoRA: held-out answers naming the memory's fact with the memory in context, without it, without "
+    print("mem: the memories the version was fitted on; rank: for a group, the smallest keeping 90% of every "
+          "layer's fit; with / w/o / LoRA: held-out answers naming the memory's fact with the memory in context, without it, without "
           "it but with the adapter; neutral: mean KL(base || adapted) at the next token of the shipped neutral prompts, "
           "nats; kept: their greedy next token unchanged; leak: irrelevant held-out questions answered with the fact; "
           "*: the current version (the newest accepted)")

@@ -38,6 +38,7 @@ from icldaemon.engine.prompt import build_prompt
 from icldaemon.engine.result import METHOD_VERSION
 from icldaemon.exceptions import BadInputError, ConsolidationError, IcldaemonError
 from icldaemon.logs import get_logger
+from icldaemon.staging import staged_directory
 from icldaemon.store import adapters as store
 from icldaemon.store import queue
 
@@ -202,14 +203,6 @@ class AdapterRecord:
 
 
 @dataclass
-class _WithIds:
-    """A rebuilt prompt whose token ids are another rendering of it (the memory alone, its neighbours out)."""
-
-    prompt: object
-    input_ids: list[int]
-
-
-@dataclass
 class _HeldOut:
     examples: list[edit_figures.AnswerExample]  # retrievals whose with-memory answer used the memory
     leak_prompts: list[list[int]]  # retrievals whose answer did not: the prompt without the memory
@@ -254,6 +247,7 @@ class Consolidator:
         self.log = get_logger(model=loaded.name)
         self._generic: list[np.ndarray] | None = None
         self._baseline: edit_figures.NeutralBaseline | None = None
+        self._sources: dict[int, tuple] = {}  # prompt id -> its source and retrievals, for one group at a time
 
     def _chat_prompts(self, chats: list[list[dict]]) -> list[list[int]]:
         prompts = []
@@ -312,13 +306,20 @@ class Consolidator:
 
     # --- one group
 
+    def _source(self, connection: queue.Connection, prompt_id: int) -> tuple[list | None, str | None, list]:
+        """A measured prompt's messages or text and its retrievals, read once per consolidation of a group (the
+        split, the fit and the checks each rebuild it)."""
+        if prompt_id not in self._sources:
+            messages, text = store.prompt_source(connection, prompt_id)
+            self._sources[prompt_id] = (messages, text, queue.retrievals(connection, prompt_id))
+        return self._sources[prompt_id]
+
     def _rebuilt(self, connection: queue.Connection, patch: store.StoredAnswerPatch, event: str,
                  group: bool = False, alone: bool = False):
-        """The retrieval's prompt as it was measured and its token ids without the memory (`group`: without
-        every memory it holds, which are all of the group's), its source and its retrievals; None (logged)
-        where it can no longer be rebuilt."""
-        messages, text = store.prompt_source(connection, patch.prompt_id)
-        retrievals = queue.retrievals(connection, patch.prompt_id)
+        """The retrieval's token ids as it was measured and without the memory (`group`: without every memory it
+        holds, which are all of the group's; `alone`: the memory alone against none, the other memories out of
+        both), its source and its retrievals; None (logged) where it can no longer be rebuilt."""
+        messages, text, retrievals = self._source(connection, patch.prompt_id)
         try:
             prompt = assemble_prompt(self.loaded.tokenizer, self.loaded.model, messages=messages, text=text,
                                      retrievals=retrievals)
@@ -331,11 +332,9 @@ class Consolidator:
             self.log.warning(event, run_id=patch.run_id, error=f"{label} is not in the prompt")
             return None
         memories = {name for name in labels if name.startswith("memory:")}
-        if alone:  # the memory alone against none: the other memories out of both
-            alone_ids = prompt.without(memories - {label})
-            return _WithIds(prompt, alone_ids), prompt.without(memories), messages, text, retrievals
-        removed = memories if group else {label}
-        return prompt, prompt.without(removed), messages, text, retrievals
+        with_ids = prompt.without(memories - {label}) if alone else prompt.input_ids
+        removed = memories if group or alone else {label}
+        return with_ids, prompt.without(removed), messages, text, retrievals
 
     def _refine_examples(self, connection: queue.Connection, fit: list[store.StoredAnswerPatch],
                          event: str = "refinement_skipped", group: bool = False,
@@ -346,8 +345,8 @@ class Consolidator:
         for patch in fit:
             rebuilt = self._rebuilt(connection, patch, event, group, alone)
             if rebuilt is not None:
-                prompt, without_ids, *_source = rebuilt
-                examples.append(answers.RefineExample(prompt.input_ids, without_ids, patch.answer_ids))
+                with_ids, without_ids, *_source = rebuilt
+                examples.append(answers.RefineExample(with_ids, without_ids, patch.answer_ids))
         return examples
 
     def _held_out(self, connection: queue.Connection, held_out: list[store.StoredAnswerPatch],
@@ -358,14 +357,14 @@ class Consolidator:
             rebuilt = self._rebuilt(connection, patch, "held_out_skipped", group, alone)
             if rebuilt is None:
                 continue
-            prompt, without_ids, messages, text, retrievals = rebuilt
+            with_ids, without_ids, messages, text, retrievals = rebuilt
             content = self._content(patch, retrievals, group)
             without_answer = answers.greedy_answer(self.loaded.model, without_ids, len(patch.answer_ids), self.stop)
             words = edit_figures.fact_words(content, decode(patch.answer_ids), question=_question(messages, text),
                                             without_answer=decode(without_answer))
             if words:
                 all_words |= words
-                relevant.append(edit_figures.AnswerExample(prompt.input_ids, without_ids, edit_figures.says_any(words),
+                relevant.append(edit_figures.AnswerExample(with_ids, without_ids, edit_figures.says_any(words),
                                                            with_answer_ids=None if alone else patch.answer_ids))
             else:
                 irrelevant.append(without_ids)
@@ -389,18 +388,19 @@ class Consolidator:
         decode = lambda ids: self.loaded.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         kinds: dict[bool, list[store.StoredAnswerPatch]] = {True: [], False: []}
         for patch in patches:
-            messages, text = store.prompt_source(connection, patch.prompt_id)
-            content = self._content(patch, queue.retrievals(connection, patch.prompt_id), group)
+            messages, text, retrievals = self._source(connection, patch.prompt_id)
+            content = self._content(patch, retrievals, group)
             kinds[bool(edit_figures.fact_words(content, decode(patch.answer_ids),
                                                question=_question(messages, text)))].append(patch)
         return stratified_split(kinds.values(), share, order=lambda patch: (patch.run_id, patch.memory_id))
 
-    def _group_targets(self, connection: queue.Connection, fit: list[store.StoredAnswerPatch], log,
-                       alone: bool = False) -> tuple[list[np.ndarray], list[np.ndarray], list[answers.RefineExample]]:
-        """Per layer the keys and values of the exact patches of removing all of the group's memories that each
-        fitted retrieval's prompt holds, at its answer positions: what the adapted model, which sees none of
-        them, must make up for. Computed here from the rebuilt prompts (two teacher-forced passes each), each
-        checked by its own patched run."""
+    def _recomputed_targets(self, connection: queue.Connection, fit: list[store.StoredAnswerPatch], log,
+                            alone: bool = False
+                            ) -> tuple[list[np.ndarray], list[np.ndarray], list[answers.RefineExample]]:
+        """Per layer the keys and values of exact patches at each fitted retrieval's answer positions, recomputed
+        from the rebuilt prompts (two teacher-forced passes each, each checked by its own patched run) where the
+        stored ones are not what the adapted model needs: for a group, removing all of its memories that the
+        prompt holds (one row set per prompt); with `alone`, one memory alone against none."""
         if not alone:
             fit = list({patch.run_id: patch for patch in reversed(fit)}.values())[::-1]  # one row set per prompt
         examples = self._refine_examples(connection, fit, "group_target_skipped", group=not alone, alone=alone)
@@ -428,12 +428,12 @@ class Consolidator:
         group = request.scope != "memory"
         energy, rank = None, request.rank
         if group:
-            keys, values, examples = self._group_targets(connection, fit, log or self.log)
-            memories = len({r.memory_id for p in fit for r in queue.retrievals(connection, p.prompt_id)})
+            keys, values, examples = self._recomputed_targets(connection, fit, log or self.log)
+            memories = len({patch.memory_id for patch in fit})  # every (prompt, memory) retrieval of the fit
             energy, rank = GROUP_ENERGY, request.rank * max(1, memories)
             row_weights_line_up = True
         elif request.memory_target == "alone":
-            keys, values, examples = self._group_targets(connection, fit, log or self.log, alone=True)
+            keys, values, examples = self._recomputed_targets(connection, fit, log or self.log, alone=True)
             row_weights_line_up = True
         else:
             a_tilde = np.concatenate([patch.a_tilde for patch in fit], axis=1)  # [num_layers, pairs, d_model]
@@ -484,6 +484,7 @@ class Consolidator:
 
     def consolidate_group(self, connection: queue.Connection, request: ConsolidationRequest,
                           scope_key: str) -> AdapterRecord:
+        self._sources.clear()
         patches = store.answer_patches(connection, self.key, scope=request.scope, scope_key=scope_key,
                                        num_layers=self.num_layers, d_model=self.d_model)
         count = len(patches)
@@ -585,21 +586,15 @@ class Consolidator:
 
     def _write_directory(self, directory: Path, listed: set[str], patch, metadata: dict) -> None:
         """Write into a temporary sibling and rename it into place: a directory there is complete."""
-        parent = directory.parent
-        temporary = parent / f".{directory.name}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
+        def failed(exc: OSError) -> ConsolidationError:
+            return ConsolidationError(f"cannot write the adapter directory {directory}: {exc}")
+
+        with staged_directory(directory, failed) as temporary:
+            directory.parent.mkdir(parents=True, exist_ok=True)
             if directory.exists() and str(directory) not in listed:
                 shutil.rmtree(directory)  # left by a run that stopped between the rename and the listing
             answers.export_lora(self.loaded.model, patch, temporary, base_model=self.loaded.name, metadata=metadata,
                                 adapter=self.adapter)
-            temporary.rename(directory)
-        except OSError as exc:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise ConsolidationError(f"cannot write the adapter directory {directory}: {exc}") from exc
-        except BaseException:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise
 
     # --- every due group
 

@@ -3,13 +3,12 @@
 Without torch at import, so that the command line can refuse a target directory before the slow imports.
 """
 
-import shutil
-import uuid
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from icldaemon.exceptions import BadInputError
+from icldaemon.staging import staged_directory
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -76,15 +75,11 @@ def merge_adapter(model: "PreTrainedModel", adapter_dir: Path, out_dir: Path,
     except ValueError as exc:  # PEFT's safe_merge: NaN in the merged weights
         raise BadInputError(f"the adapter {adapter_dir} cannot be merged: {exc}") from exc
 
-    staging = out_dir.absolute().parent / f".{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
+    def failed(exc: OSError) -> BadInputError:
+        return BadInputError(f"cannot write the merged checkpoint into {out_dir}: {exc}")
+
+    # the rename fails if anything appeared at out_dir meanwhile
+    with staged_directory(out_dir, failed) as staging:
         merged.save_pretrained(staging)  # safetensors: transformers 5 writes no other format
         tokenizer.save_pretrained(staging)
-        staging.rename(out_dir)  # onto nothing, or onto an empty directory; fails if anything appeared there
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise BadInputError(f"cannot write the merged checkpoint into {out_dir}: {exc}") from exc
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir

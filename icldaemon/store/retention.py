@@ -60,6 +60,12 @@ def drop_expired_partitions(
     Runs in the caller's transaction, serialised with partition creation by the same advisory lock.
     Drops nothing while the database has no retention configured (see `effective_retention`).
     """
+    return _drop_expired(conn, retention_days, now)[0]
+
+
+def _drop_expired(conn: Connection, retention_days: float,
+                  now: datetime.datetime | None) -> tuple[list[str], float | None]:
+    """drop_expired_partitions, with the retention it applied (None: none configured)."""
     if not 0 < retention_days < float("inf"):
         raise ConfigurationError(f"the retention must be a positive number of days, got {retention_days}")
     now = now or datetime.datetime.now(datetime.UTC)
@@ -68,14 +74,14 @@ def drop_expired_partitions(
         conn.exec_driver_sql(QUERIES["limit_lock_waits"], {"lock_timeout": LOCK_TIMEOUT})
         retention = effective_retention(conn, retention_days)
         if retention is None:
-            return []
+            return [], None
         conn.exec_driver_sql(QUERIES["lock_icl_dynamics_log_partitions"])
         names = list(conn.exec_driver_sql(QUERIES["list_icl_dynamics_log_partitions"]).scalars())
         expired = expired_partitions(names, retention, now)
         for name in expired:
             # the schema owner's function drops it, and only a month that ended before the configured retention
             conn.exec_driver_sql(QUERIES["drop_icl_dynamics_log_partition"], {"partition": name})
-    return expired
+    return expired, retention
 
 
 def maintain_partitions(url: str, retention_days: float | None) -> tuple[list[str], list[str], float | None]:
@@ -85,8 +91,7 @@ def maintain_partitions(url: str, retention_days: float | None) -> tuple[list[st
     try:
         with engine.begin() as connection:
             created = ensure_partitions(connection)
-            dropped = drop_expired_partitions(connection, retention_days) if retention_days else []
-            applied = effective_retention(connection, retention_days) if retention_days else None
+            dropped, applied = _drop_expired(connection, retention_days, None) if retention_days else ([], None)
     finally:
         engine.dispose()
     return created, dropped, applied

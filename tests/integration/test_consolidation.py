@@ -352,7 +352,7 @@ def test_a_group_adapter_is_fitted_on_the_patches_of_removing_all_of_its_memorie
     with queue.connect(database_url) as connection:
         patches = store.answer_patches(connection, consolidator.key, scope="all", scope_key="all",
                                        num_layers=consolidator.num_layers, d_model=consolidator.d_model)
-        keys, values, examples = consolidator._group_targets(connection, patches[:4], consolidator.log)
+        keys, values, examples = consolidator._recomputed_targets(connection, patches[:4], consolidator.log)
     assert len(patches) == 10  # two memories a prompt
     for example in examples:  # every one of the prompt's memories is out, the rest of the prompt is in
         assert FACT in decode(example.with_ids) and FACT not in decode(example.without_ids)
@@ -390,7 +390,7 @@ def test_a_memory_alone_target_is_the_patch_of_the_memory_alone_against_no_memor
     with queue.connect(database_url) as connection:
         patches = store.answer_patches(connection, consolidator.key, scope="memory", scope_key=f"memory:{fact_id}",
                                        num_layers=consolidator.num_layers, d_model=consolidator.d_model)
-        keys, values, examples = consolidator._group_targets(connection, patches, consolidator.log, alone=True)
+        keys, values, examples = consolidator._recomputed_targets(connection, patches, consolidator.log, alone=True)
     assert len(examples) == 4
     for example in examples:  # the fact alone against no memory: the other memory out of both
         assert FACT in decode(example.with_ids) and FACT not in decode(example.without_ids)
