@@ -40,6 +40,11 @@ class MeasuredDatabase:
     model: str = ""
 
 
+def as_role(url: str, role: str) -> str:
+    """The same database's URL, logged in as `role` (no password: the test server trusts local logins)."""
+    return make_url(url).set(username=role, password=None).render_as_string(hide_password=False)
+
+
 def load_tiny(directory: Path, models_dir: Path):
     return load_model(str(save_tiny_model(directory)), models_dir=models_dir, device="cpu")
 

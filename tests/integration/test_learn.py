@@ -9,6 +9,7 @@ import sys
 import psycopg
 import pytest
 import structlog
+from analytics_fixtures import as_role
 from daemon_fixtures import save_tiny_model
 from sqlalchemy.engine import make_url
 
@@ -26,10 +27,6 @@ MEMORIES = {  # stored in this order: ids m, m+1, m+2, m+3
     "home city": "The user lives in Porto.",
     "job": "The user works as a glassblower.",
 }
-
-
-def as_role(url: str, role: str) -> str:
-    return make_url(url).set(username=role, password=None).render_as_string(hide_password=False)
 
 
 @pytest.fixture(scope="module")

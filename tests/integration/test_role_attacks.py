@@ -12,7 +12,7 @@ import time
 
 import psycopg
 import pytest
-from analytics_fixtures import load_tiny, populate
+from analytics_fixtures import as_role, load_tiny, populate
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
@@ -26,10 +26,6 @@ from icldaemon.store.roles import READER_ROLE, SUBMITTER_ROLE, TEXT_COLUMNS, WRI
 from icldaemon.worker import Worker
 
 STRANGER_ROLE = "icldaemon_test_stranger"  # a login the project never granted anything
-
-
-def as_role(url: str, role: str) -> str:
-    return make_url(url).set(username=role, password=None).render_as_string(hide_password=False)
 
 
 def connect_collecting_notices(url: str) -> tuple[psycopg.Connection, list[str]]:

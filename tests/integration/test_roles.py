@@ -12,7 +12,7 @@ import sys
 
 import psycopg
 import pytest
-from analytics_fixtures import load_tiny
+from analytics_fixtures import as_role, load_tiny
 from sqlalchemy.engine import make_url
 
 from icldaemon.service import Service
@@ -21,10 +21,6 @@ from icldaemon.store.database import create_unpooled_engine_for
 from icldaemon.store.partitions import ensure_partitions, partition_name
 from icldaemon.store.roles import READER_ROLE, SUBMITTER_ROLE, TEXT_READER_ROLE, WRITER_ROLE, ensure_roles
 from icldaemon.worker import Worker
-
-
-def as_role(url: str, role: str) -> str:
-    return make_url(url).set(username=role, password=None).render_as_string(hide_password=False)
 
 
 def relations(url: str, schema: str, kinds: str) -> list[str]:
